@@ -1,0 +1,1 @@
+"""queue-runtime: ordered per-session message processing on trio."""

@@ -1,0 +1,1 @@
+"""Provider adapters: one per broker, all behind `providers.base.Provider`."""
