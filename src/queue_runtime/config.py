@@ -6,14 +6,39 @@ worker and its reason is stated beside it.
 
 from __future__ import annotations
 
+import difflib
+import functools
+import hmac
 import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Final, Literal
 
 import msgspec
+import msgspec.inspect as mi
+import yaml
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, ValidationError
+from .message import validate_queue_name
 from .retry import RetryPolicy
 
-__all__ = ["RetryPolicy", "SupervisorConfig"]
+__all__ = [
+    "CONFIG_FILE_ENV",
+    "ENVIRONMENT",
+    "AwsSettings",
+    "AzureSettings",
+    "MemorySettings",
+    "RetryPolicy",
+    "Secret",
+    "Settings",
+    "SupervisorConfig",
+    "TelemetrySettings",
+    "WorkerSettings",
+    "load_settings",
+]
 
 
 def _check_number(
@@ -78,3 +103,660 @@ class SupervisorConfig(msgspec.Struct, kw_only=True):
             _check_number("max_delivery_count", self.max_delivery_count, minimum=1, integer=True)
         if not isinstance(self.retry, RetryPolicy):
             raise ConfigurationError(f"retry must be a RetryPolicy, got {type(self.retry).__name__}")
+
+
+# --------------------------------------------------------------------------------------------
+# Layered settings: defaults < config file < environment < keyword arguments.
+# --------------------------------------------------------------------------------------------
+
+_MASK: Final = "**********"
+
+
+class Secret:
+    """A credential that never shows itself.
+
+    ``repr()`` and ``str()`` are ``Secret('**********')``; `get_secret_value` returns the value.
+    Two secrets are equal when their values are (compared in constant time). msgspec cannot
+    encode a `Secret` without an explicit hook, so it cannot leak through a stray
+    ``msgspec.json.encode``; `Settings.redacted` shows it as ``"**********"``.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise ConfigurationError(f"a secret must be a string, got a value of type {type(value).__name__}")
+        self._value = value
+
+    def get_secret_value(self) -> str:
+        """The credential itself: pass it to the SDK, never to a log or an error."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret({_MASK!r})"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+_NonEmpty = msgspec.Meta(min_length=1)
+Provider = Literal["memory", "aws", "azure"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+LogFormat = Literal["text", "json"]
+
+
+class _Section(msgspec.Struct, frozen=True, kw_only=True):
+    """Base of every settings section: checks each field against its annotation on creation,
+    so a section built by hand is as valid as one built by `load_settings`."""
+
+    _prefix: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for field in _struct_fields(type(self)):
+            if isinstance(field.type, mi.StructType):
+                continue
+            value = getattr(self, field.name)
+            try:
+                _convert(value, field.type, text=False)
+            except _Invalid as invalid:
+                key = self._prefix + field.name
+                raise ConfigurationError(f"{key} must be {invalid.expected}, got {invalid.shown}") from None
+
+
+class WorkerSettings(_Section, frozen=True, kw_only=True):
+    """The `SupervisorConfig` knobs, same names and defaults (their reasons are documented on
+    `SupervisorConfig`). ``queue`` and ``receive_timeout`` are top-level `Settings` keys because
+    producers and operators use them too."""
+
+    _prefix: ClassVar[str] = "worker."
+
+    max_concurrent_sessions: Annotated[int, msgspec.Meta(ge=1)] = 64
+    per_session_concurrency: Annotated[int, msgspec.Meta(ge=1)] = 1
+    session_idle_timeout: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    prefetch: Annotated[int, msgspec.Meta(ge=0)] = 10
+    max_lock_renewal: Annotated[float, msgspec.Meta(ge=0)] = 300.0
+    retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
+    max_delivery_count: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    shutdown_grace: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+
+
+class AwsSettings(_Section, frozen=True, kw_only=True):
+    """SQS connection. Everything is optional: unset values fall back to botocore's standard
+    credential chain (environment, shared config/profile, container and instance roles)."""
+
+    _prefix: ClassVar[str] = "aws."
+
+    region: Annotated[str, _NonEmpty] | None = None
+    endpoint_url: Annotated[str, msgspec.Meta(pattern=r"^https?://\S+$")] | None = None
+    access_key_id: Annotated[str, _NonEmpty] | None = None
+    secret_access_key: Secret | None = None
+    session_token: Secret | None = None
+    profile: Annotated[str, _NonEmpty] | None = None
+
+
+class AzureSettings(_Section, frozen=True, kw_only=True):
+    """Service Bus connection: a connection string, or a namespace plus azure-identity's
+    credential chain (``client_id`` picks a user-assigned managed identity)."""
+
+    _prefix: ClassVar[str] = "azure."
+
+    connection_string: Secret | None = None
+    fully_qualified_namespace: Annotated[str, _NonEmpty] | None = None
+    client_id: Annotated[str, _NonEmpty] | None = None
+    tenant_id: Annotated[str, _NonEmpty] | None = None
+
+
+class MemorySettings(_Section, frozen=True, kw_only=True):
+    """The in-memory broker's queue settings (the ones a cloud queue is created with)."""
+
+    _prefix: ClassVar[str] = "memory."
+
+    lock_duration: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    max_delivery_count: Annotated[int, msgspec.Meta(ge=1)] = 10
+    max_queue_messages: Annotated[int, msgspec.Meta(ge=1)] = 100_000
+
+
+class TelemetrySettings(_Section, frozen=True, kw_only=True):
+    """Where metrics are exposed. ``metrics_port`` None = no Prometheus endpoint."""
+
+    _prefix: ClassVar[str] = "telemetry."
+
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
+
+
+class Settings(_Section, frozen=True, kw_only=True, dict=True):
+    """The whole configuration, typed. Build it with `load_settings` (which also fills
+    `sources`), or directly for tests. Every value is checked on creation.
+
+    See ``docs/configuration.md`` for every key, its environment variable and its default.
+    """
+
+    provider: Provider = "memory"
+    queue: Annotated[str, _NonEmpty] | None = None
+    dlq_name: Annotated[str, _NonEmpty] | None = None
+    receive_timeout: Annotated[float, msgspec.Meta(ge=0)] = 20.0
+    visibility_timeout: Annotated[float, msgspec.Meta(ge=0, le=43200)] = 300.0
+    log_level: LogLevel = "INFO"
+    log_format: LogFormat = "text"
+    worker: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
+    aws: AwsSettings = msgspec.field(default_factory=AwsSettings)
+    azure: AzureSettings = msgspec.field(default_factory=AzureSettings)
+    memory: MemorySettings = msgspec.field(default_factory=MemorySettings)
+    telemetry: TelemetrySettings = msgspec.field(default_factory=TelemetrySettings)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        system = _SYSTEMS[self.provider]
+        for key in ("queue", "dlq_name"):
+            name = getattr(self, key)
+            # An SQS queue may be given by URL; the adapter resolves and checks it.
+            if name is None or (self.provider == "aws" and "://" in name):
+                continue
+            try:
+                validate_queue_name(name, system)
+            except ValidationError as error:
+                raise ConfigurationError(f"{key} is not a valid queue name ({error.message})") from None
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """Where each effective value came from, by dotted key: ``"default"``,
+        ``"file:<path>"``, ``"env:<NAME>"`` or ``"argument"``.
+
+        Not part of equality or serialisation. For a `Settings` built directly (not by
+        `load_settings`) a value equal to its default reads ``"default"``, others ``"argument"``.
+        """
+        recorded: dict[str, str] | None = self.__dict__.get("_sources")
+        if recorded is not None:
+            return dict(recorded)
+        values = _flatten_values(self)
+        return {
+            key: "default" if values[key] == spec.default else "argument" for key, spec in _leaves().items()
+        }
+
+    def redacted(self) -> dict[str, Any]:
+        """Every effective value as plain JSON-able data; each secret as ``"**********"``
+        (an unset secret as None). This is what ``queue-runtime config show`` prints."""
+        result: dict[str, Any] = msgspec.to_builtins(self, enc_hook=_redact_hook)
+        return result
+
+    def supervisor_config(self) -> SupervisorConfig:
+        """The `SupervisorConfig` for this configuration.
+
+        Raises `ConfigurationError` if ``queue`` is unset, or naming the key and its source if
+        `SupervisorConfig` refuses a value.
+        """
+        if self.queue is None:
+            raise ConfigurationError(
+                "queue is not set: pass queue=..., set QUEUE_NAME, or set 'queue' in the config file"
+            )
+        worker = {field.name: getattr(self.worker, field.name) for field in _struct_fields(WorkerSettings)}
+        try:
+            return SupervisorConfig(queue=self.queue, receive_timeout=self.receive_timeout, **worker)
+        except ConfigurationError as error:
+            raise _with_source(error, self.sources, candidates=_SUPERVISOR_KEYS) from None
+
+
+_SYSTEMS: Final[dict[str, str]] = {"memory": "memory", "aws": "aws_sqs", "azure": "azure_service_bus"}
+
+# Environment variables, in priority order per key (the first one set and non-empty wins).
+# Names from the operations guide and the standard AWS/Azure SDK variables; the other
+# QUEUE_* names follow the same pattern, with the unit in the name.
+ENVIRONMENT: Final[dict[str, tuple[str, ...]]] = {
+    "provider": ("QUEUE_PROVIDER",),
+    "queue": ("QUEUE_NAME",),
+    "dlq_name": ("QUEUE_DLQ_NAME",),
+    "receive_timeout": ("QUEUE_RECEIVE_TIMEOUT_SECONDS",),
+    "visibility_timeout": ("QUEUE_VISIBILITY_TIMEOUT_SECONDS",),
+    "log_level": ("QUEUE_LOG_LEVEL",),
+    "log_format": ("QUEUE_LOG_FORMAT",),
+    "worker.max_concurrent_sessions": ("QUEUE_MAX_CONCURRENT_SESSIONS",),
+    "worker.per_session_concurrency": ("QUEUE_PER_SESSION_CONCURRENCY",),
+    "worker.session_idle_timeout": ("QUEUE_SESSION_IDLE_TIMEOUT_SECONDS",),
+    "worker.prefetch": ("QUEUE_PREFETCH",),
+    "worker.max_lock_renewal": ("QUEUE_MAX_LOCK_RENEWAL_SECONDS",),
+    "worker.max_delivery_count": ("QUEUE_MAX_DELIVERY_COUNT",),
+    "worker.shutdown_grace": ("QUEUE_SHUTDOWN_GRACE_SECONDS",),
+    "worker.retry.max_attempts": ("QUEUE_MAX_RETRY_ATTEMPTS",),
+    "worker.retry.initial_backoff": ("QUEUE_RETRY_BACKOFF_MS",),
+    "aws.region": ("AWS_REGION", "AWS_DEFAULT_REGION"),
+    "aws.endpoint_url": ("AWS_ENDPOINT_URL_SQS", "AWS_ENDPOINT_URL"),
+    "aws.access_key_id": ("AWS_ACCESS_KEY_ID",),
+    "aws.secret_access_key": ("AWS_SECRET_ACCESS_KEY",),
+    "aws.session_token": ("AWS_SESSION_TOKEN",),
+    "aws.profile": ("AWS_PROFILE",),
+    "azure.connection_string": ("AZURE_SERVICE_BUS_CONNECTION_STRING",),
+    "azure.fully_qualified_namespace": ("SERVICE_BUS_NAMESPACE", "AZURE_SERVICE_BUS_NAMESPACE"),
+    "azure.client_id": ("AZURE_CLIENT_ID",),
+    "azure.tenant_id": ("AZURE_TENANT_ID",),
+    "telemetry.metrics_port": ("QUEUE_METRICS_PORT",),
+}
+CONFIG_FILE_ENV: Final = "QUEUE_CONFIG_FILE"
+_MILLISECONDS: Final = frozenset({"QUEUE_RETRY_BACKOFF_MS"})
+_DISCOVERED_FILES: Final = ("config.toml", "config.yaml", "config.yml")
+_SECTIONS: Final = ("worker", "aws", "azure", "memory", "telemetry")
+_SUPERVISOR_KEYS: Final = ("queue", "receive_timeout", "worker.")
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build `Settings` from defaults < config file < environment < keyword ``overrides``.
+
+    * File: ``config_file``, else ``$QUEUE_CONFIG_FILE``, else ``./config.toml``,
+      ``./config.yaml`` or ``./config.yml`` (the first present). TOML or YAML by extension,
+      with the same nested shape as `Settings`. Unknown keys are errors.
+    * Environment: ``env`` (default ``os.environ``); see `ENVIRONMENT`. Empty values count as
+      unset. ``QUEUE_RETRY_BACKOFF_MS`` is in milliseconds.
+    * Overrides: any top-level key (``queue=...``), any worker key (``max_concurrent_sessions=8``,
+      ``retry=RetryPolicy(...)``), a section as a dict or struct (``aws={"region": ...}``,
+      merged key by key), or a dotted key (``**{"memory.lock_duration": 5}``). None is ignored,
+      so CLI options that were not given do not override anything.
+
+    Every problem raises one `ConfigurationError` line naming the dotted key, its source and
+    the bad value (never a secret's value). `Settings.sources` records each value's origin.
+    """
+    environ: Mapping[str, str] = os.environ if env is None else env
+    layered: dict[str, tuple[object, str]] = {}
+
+    path, origin = _find_config_file(config_file, environ)
+    if path is not None:
+        source = f"file:{path}"
+        _flatten_mapping(_read_config_file(path, origin), "", source, layered, what=source)
+
+    for key, names in ENVIRONMENT.items():
+        for name in names:
+            text = environ.get(name)
+            if text is not None and text.strip():
+                layered[key] = (text.strip(), f"env:{name}")
+                break
+
+    for name, value in overrides.items():
+        if value is not None:
+            _add_override(name, value, layered)
+
+    typed: dict[str, object] = {}
+    sources: dict[str, str] = {}
+    leaves = _leaves()
+    for key, spec in leaves.items():
+        if key not in layered:
+            sources[key] = "default"
+            continue
+        raw, source = layered[key]
+        sources[key] = source
+        typed[key] = _typed_value(key, spec, raw, source)
+
+    settings = _build(Settings, "", typed, sources)
+    assert isinstance(settings, Settings)
+    settings.__dict__["_sources"] = sources
+    return settings
+
+
+# ---- leaves: every dotted key with its type and default -------------------------------------
+
+
+class _Leaf(msgspec.Struct, frozen=True):
+    type: mi.Type
+    default: object
+    secret: bool
+
+
+@functools.cache
+def _struct_fields(cls: type[msgspec.Struct]) -> tuple[mi.Field, ...]:
+    info = mi.type_info(cls)
+    assert isinstance(info, mi.StructType)
+    return info.fields
+
+
+def _field_default(field: mi.Field) -> object:
+    if field.default_factory is not msgspec.NODEFAULT:
+        return field.default_factory()
+    return field.default
+
+
+def _is_secret(t: mi.Type) -> bool:
+    if isinstance(t, mi.UnionType):
+        return any(_is_secret(member) for member in t.types)
+    return isinstance(t, mi.CustomType) and t.cls is Secret
+
+
+@functools.cache
+def _leaves() -> dict[str, _Leaf]:
+    leaves: dict[str, _Leaf] = {}
+
+    def walk(cls: type[msgspec.Struct], prefix: str) -> None:
+        for field in _struct_fields(cls):
+            if isinstance(field.type, mi.StructType):
+                walk(field.type.cls, f"{prefix}{field.name}.")
+            else:
+                leaves[prefix + field.name] = _Leaf(field.type, _field_default(field), _is_secret(field.type))
+
+    walk(Settings, "")
+    return leaves
+
+
+@functools.cache
+def _section_paths() -> frozenset[str]:
+    """Every dotted path that names a section: ``worker``, ``worker.retry``, ``aws``..."""
+    paths = set()
+    for key in _leaves():
+        parts = key.split(".")
+        paths.update(".".join(parts[:end]) for end in range(1, len(parts)))
+    return frozenset(paths)
+
+
+def _flatten_values(settings: Settings) -> dict[str, object]:
+    values: dict[str, object] = {}
+    for key in _leaves():
+        value: object = settings
+        for part in key.split("."):
+            value = getattr(value, part)
+        values[key] = value
+    return values
+
+
+def _redact_hook(value: object) -> object:
+    if isinstance(value, Secret):
+        return _MASK
+    raise NotImplementedError(f"cannot show a value of type {type(value).__name__}")
+
+
+# ---- conversion and checks -------------------------------------------------------------------
+
+
+class _Invalid(Exception):
+    def __init__(self, expected: str, shown: str) -> None:
+        super().__init__(expected)
+        self.expected = expected
+        self.shown = shown
+
+
+def _show(value: object, *, secret: bool = False) -> str:
+    """A bad value for an error line: never a secret, one line, bounded."""
+    if secret:
+        return f"a value of type {type(value).__name__}" if not isinstance(value, str) else "a bad value"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _bounds(t: mi.IntType | mi.FloatType) -> str:
+    parts = []
+    if t.ge is not None:
+        parts.append(f">= {t.ge}")
+    if t.gt is not None:
+        parts.append(f"> {t.gt}")
+    if t.le is not None:
+        parts.append(f"<= {t.le}")
+    if t.lt is not None:
+        parts.append(f"< {t.lt}")
+    return (" " + " and ".join(parts)) if parts else ""
+
+
+def _in_bounds(value: float, t: mi.IntType | mi.FloatType) -> bool:
+    return not (
+        (t.ge is not None and value < t.ge)
+        or (t.gt is not None and value <= t.gt)
+        or (t.le is not None and value > t.le)
+        or (t.lt is not None and value >= t.lt)
+    )
+
+
+def _describe(t: mi.Type) -> str:
+    if isinstance(t, mi.UnionType):
+        return " or ".join(_describe(member) for member in t.types if not isinstance(member, mi.NoneType))
+    if isinstance(t, mi.IntType):
+        return "an integer" + _bounds(t)
+    if isinstance(t, mi.FloatType):
+        return "a number" + _bounds(t)
+    if isinstance(t, mi.LiteralType):
+        return "one of " + ", ".join(repr(v) for v in t.values)
+    if isinstance(t, mi.StrType):
+        if t.pattern is not None and "http" in t.pattern:
+            return "an http:// or https:// URL"
+        return "a non-empty string"
+    if isinstance(t, mi.CustomType) and t.cls is Secret:
+        return "a non-empty string"
+    if isinstance(t, mi.StructType):
+        return f"a {t.cls.__name__}"
+    return f"a {type(t).__name__}"  # pragma: no cover - every field type is handled above
+
+
+def _convert(value: object, t: mi.Type, *, text: bool) -> object:
+    """Check ``value`` against ``t`` and return it in its exact type; raise `_Invalid`.
+
+    ``text`` means the value came from the environment: numbers are parsed from strings.
+    """
+    secret = _is_secret(t)
+
+    def invalid() -> _Invalid:
+        return _Invalid(_describe(t), _show(value, secret=secret))
+
+    if isinstance(t, mi.UnionType):
+        if value is None and any(isinstance(member, mi.NoneType) for member in t.types):
+            return None
+        (member,) = (m for m in t.types if not isinstance(m, mi.NoneType))
+        return _convert(value, member, text=text)
+    if isinstance(t, mi.IntType):
+        number: object = value
+        if text and isinstance(value, str):
+            try:
+                number = int(value)
+            except ValueError:
+                raise invalid() from None
+        if isinstance(number, bool) or not isinstance(number, int) or not _in_bounds(number, t):
+            raise invalid()
+        return number
+    if isinstance(t, mi.FloatType):
+        number = value
+        if text and isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                raise invalid() from None
+        if (
+            isinstance(number, bool)
+            or not isinstance(number, (int, float))
+            or not math.isfinite(number)
+            or not _in_bounds(number, t)
+        ):
+            raise invalid()
+        return float(number)
+    if isinstance(t, mi.LiteralType):
+        if isinstance(value, str):
+            for allowed in t.values:
+                if isinstance(allowed, str) and allowed.lower() == value.strip().lower():
+                    return allowed
+        raise invalid()
+    if isinstance(t, mi.StrType):
+        if not isinstance(value, str) or not value or (t.pattern and not re.match(t.pattern, value)):
+            raise invalid()
+        return value
+    if isinstance(t, mi.CustomType) and t.cls is Secret:
+        if isinstance(value, Secret) and value.get_secret_value():
+            return value
+        if isinstance(value, str) and value:
+            return Secret(value)
+        raise invalid()
+    if isinstance(t, mi.StructType):
+        if not isinstance(value, t.cls):
+            raise invalid()
+        return value
+    raise invalid()  # pragma: no cover - every field type is handled above
+
+
+def _typed_value(key: str, leaf: _Leaf, raw: object, source: str) -> object:
+    text = source.startswith("env:")
+    t = leaf.type
+    try:
+        if source.removeprefix("env:") in _MILLISECONDS:
+            try:
+                milliseconds = _convert(raw, mi.FloatType(ge=0), text=True)
+            except _Invalid as invalid:
+                raise _Invalid("a number of milliseconds >= 0", invalid.shown) from None
+            assert isinstance(milliseconds, float)
+            return _convert(milliseconds / 1000, t, text=False)
+        return _convert(raw, t, text=text)
+    except _Invalid as invalid:
+        raise ConfigurationError(
+            f"{key} from {source} must be {invalid.expected}, got {invalid.shown}"
+        ) from None
+
+
+def _with_source(
+    error: ConfigurationError, sources: Mapping[str, str], *, candidates: Sequence[str] = ("",)
+) -> ConfigurationError:
+    """Rewrite a ``"<key> must ..."`` error from a struct's ``__post_init__`` as
+    ``"<dotted key> from <source> must ..."``. The key may be given relative to its section."""
+    message = error.message
+    best: tuple[int, str] | None = None
+    for key in sources:
+        if not any(key.startswith(c) or key == c for c in candidates):
+            continue
+        parts = key.split(".")
+        for start in range(len(parts)):
+            relative = ".".join(parts[start:])
+            if message.startswith(relative + " ") and (best is None or len(relative) > best[0]):
+                best = (len(relative), key)
+    if best is None:
+        return ConfigurationError(message)
+    length, key = best
+    return ConfigurationError(f"{key} from {sources[key]}{message[length:]}")
+
+
+def _build(
+    cls: type[msgspec.Struct], prefix: str, typed: Mapping[str, object], sources: Mapping[str, str]
+) -> object:
+    kwargs: dict[str, object] = {}
+    for field in _struct_fields(cls):
+        key = prefix + field.name
+        if isinstance(field.type, mi.StructType):
+            kwargs[field.name] = _build(field.type.cls, key + ".", typed, sources)
+        elif key in typed:
+            kwargs[field.name] = typed[key]
+    try:
+        return cls(**kwargs)
+    except ConfigurationError as error:
+        candidates = (prefix,) if prefix else ("",)
+        raise _with_source(error, sources, candidates=candidates) from None
+
+
+# ---- layers ---------------------------------------------------------------------------------
+
+
+def _unknown_key(key: str, where: str, *, flat: bool = False) -> ConfigurationError:
+    known = list(_leaves()) + sorted(_section_paths())
+    if flat:  # keyword arguments: suggest the short worker names they are usually given as
+        known = [k.removeprefix("worker.") for k in known if k.count(".") <= 1] + known
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigurationError(f"unknown configuration key {key!r} in {where}{hint}")
+
+
+def _flatten_mapping(
+    data: Mapping[Any, Any], prefix: str, source: str, out: dict[str, tuple[object, str]], *, what: str
+) -> None:
+    leaves = _leaves()
+    sections = _section_paths()
+    for name, value in data.items():
+        if not isinstance(name, str):
+            raise ConfigurationError(f"configuration key {name!r} in {what} is not a string")
+        key = prefix + name
+        if key in sections:
+            if isinstance(value, msgspec.Struct):
+                value = {field.name: getattr(value, field.name) for field in _struct_fields(type(value))}
+            if not isinstance(value, Mapping):
+                raise ConfigurationError(
+                    f"{key} from {source} must be a table of keys, got {type(value).__name__}"
+                )
+            _flatten_mapping(value, key + ".", source, out, what=what)
+        elif key in leaves:
+            if value is not None or source != "argument":
+                out[key] = (value, source)
+        else:
+            raise _unknown_key(key, what)
+
+
+def _add_override(name: str, value: object, out: dict[str, tuple[object, str]]) -> None:
+    leaves = _leaves()
+    sections = _section_paths()
+    if name in leaves or name in sections:
+        key = name
+    elif f"worker.{name}" in leaves or f"worker.{name}" in sections:
+        key = f"worker.{name}"
+    else:
+        raise _unknown_key(name, "the keyword arguments", flat=True)
+    _flatten_mapping({key: value}, "", "argument", out, what="the keyword arguments")
+
+
+def _find_config_file(
+    config_file: str | os.PathLike[str] | None, environ: Mapping[str, str]
+) -> tuple[Path | None, str]:
+    if config_file is not None:
+        return Path(config_file), "the config_file argument"
+    named = environ.get(CONFIG_FILE_ENV, "").strip()
+    if named:
+        return Path(named), f"env:{CONFIG_FILE_ENV}"
+    for candidate in _DISCOVERED_FILES:
+        path = Path(candidate)
+        if path.is_file():
+            return path, "the current directory"
+    return None, ""
+
+
+def _read_config_file(path: Path, origin: str) -> Mapping[str, Any]:
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigurationError(
+            f"config file {str(path)!r} (from {origin}) must end in .toml, .yaml or .yml"
+        )
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigurationError(f"config file {str(path)!r} (from {origin}) does not exist") from None
+    except OSError as error:
+        raise ConfigurationError(
+            f"config file {str(path)!r} (from {origin}) cannot be read: {error.strerror}"
+        ) from None
+    data: object
+    if suffix == ".toml":
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigurationError(f"malformed config file {str(path)!r}: not UTF-8 text") from None
+        except tomllib.TOMLDecodeError as error:
+            # The message carries "(at line L, column C)" and never the file's text.
+            detail = " ".join(str(error).split())
+            raise ConfigurationError(f"malformed config file {str(path)!r}: {detail}") from None
+    else:
+        try:
+            data = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            raise ConfigurationError(f"malformed config file {str(path)!r}: {_yaml_problem(error)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigurationError(
+            f"config file {str(path)!r} must hold a table of keys at the top, got {type(data).__name__}"
+        )
+    return data
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """The parser's problem and position only: ``str(error)`` quotes the offending line,
+    which may hold a secret."""
+    problem = getattr(error, "problem", None) or type(error).__name__
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
