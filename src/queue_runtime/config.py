@@ -450,7 +450,7 @@ def _leaves() -> dict[str, _Leaf]:
 @functools.cache
 def _section_paths() -> frozenset[str]:
     """Every dotted path that names a section: ``worker``, ``worker.retry``, ``aws``..."""
-    paths = set()
+    paths: set[str] = set()
     for key in _leaves():
         parts = key.split(".")
         paths.update(".".join(parts[:end]) for end in range(1, len(parts)))
