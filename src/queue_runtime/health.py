@@ -1,0 +1,181 @@
+"""The worker's HTTP endpoints: ``/metrics``, ``/healthz`` and ``/readyz`` on trio.
+
+A deliberately tiny HTTP/1.1 server (no dependency beyond trio): one request per connection
+(``Connection: close``), ``GET`` and ``HEAD`` only, a bounded request head, a per-connection
+deadline and a bounded number of connections served at once. It is what Prometheus and
+Kubernetes probes need, not a general web server.
+
+* ``GET /metrics`` — Prometheus text exposition (``text/plain; version=0.0.4``) from
+  `queue_runtime.telemetry.render_metrics` (call `queue_runtime.telemetry.setup_prometheus`
+  first so our instruments reach it).
+* ``GET /healthz`` — ``200 ok`` while the process (its trio loop) runs: liveness.
+* ``GET /readyz`` — ``200 ready`` when ``ready()`` is true, ``503 not ready`` otherwise (or when
+  ``ready()`` raises). The worker's ``ready`` says: provider reachable, supervisor accepting, not
+  draining, circuit not open.
+* anything else ``404``; other methods ``405``; a malformed request ``400``; a head over the
+  limit ``431``; too many connections at once ``503``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Final
+
+import trio
+
+from .telemetry import logger, redact, render_metrics
+
+__all__ = ["MAX_CONNECTIONS", "MAX_REQUEST_BYTES", "REQUEST_TIMEOUT", "serve_endpoints"]
+
+#: Largest request head accepted (request line plus headers).
+MAX_REQUEST_BYTES: Final = 8192
+#: Seconds a connection may take, from accept to the last byte of the answer.
+REQUEST_TIMEOUT: Final = 10.0
+#: Connections served at once; more are answered 503 and closed at once.
+MAX_CONNECTIONS: Final = 32
+
+METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+_TEXT: Final = "text/plain; charset=utf-8"
+_REASONS: Final = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+def _response(status: int, body: bytes, content_type: str = _TEXT, *, head: bool = False) -> bytes:
+    lines = [
+        f"HTTP/1.1 {status} {_REASONS[status]}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Cache-Control: no-store",
+        "Connection: close",
+    ]
+    if status == 405:
+        lines.append("Allow: GET, HEAD")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + (b"" if head else body)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_head(stream: trio.abc.ReceiveStream) -> bytes:
+    """The request head up to the blank line (what arrived, if the peer closed early).
+    Raises `_TooLarge` beyond `MAX_REQUEST_BYTES`."""
+    data = bytearray()
+    while b"\r\n\r\n" not in data:
+        if len(data) > MAX_REQUEST_BYTES:
+            raise _TooLarge
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            return bytes(data)
+        data += chunk
+    head = bytes(data).split(b"\r\n\r\n", 1)[0]
+    if len(head) > MAX_REQUEST_BYTES:
+        raise _TooLarge
+    return head
+
+
+def _answer(head: bytes, ready: Callable[[], bool], metrics: Callable[[], bytes]) -> bytes:
+    request_line = head.split(b"\r\n", 1)[0]
+    parts = request_line.split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+        return _response(400, b"bad request\n")
+    method, target = parts[0], parts[1].split(b"?", 1)[0]
+    if method not in (b"GET", b"HEAD"):
+        return _response(405, b"method not allowed\n")
+    head_only = method == b"HEAD"
+    if target == b"/metrics":
+        try:
+            body = metrics()
+        except Exception as exc:
+            logger.error("rendering /metrics failed: %s", redact(f"{type(exc).__name__}: {exc}"))
+            return _response(500, b"metrics unavailable\n", head=head_only)
+        return _response(200, body, METRICS_CONTENT_TYPE, head=head_only)
+    if target == b"/healthz":
+        return _response(200, b"ok\n", head=head_only)
+    if target == b"/readyz":
+        try:
+            is_ready = bool(ready())
+        except Exception as exc:
+            logger.warning("readiness check failed: %s", redact(f"{type(exc).__name__}: {exc}"))
+            is_ready = False
+        return (
+            _response(200, b"ready\n", head=head_only)
+            if is_ready
+            else _response(503, b"not ready\n", head=head_only)
+        )
+    return _response(404, b"not found\n", head=head_only)
+
+
+async def _handle(
+    stream: trio.SocketStream,
+    *,
+    ready: Callable[[], bool],
+    metrics: Callable[[], bytes],
+    slots: trio.Semaphore,
+    timeout: float,
+) -> None:
+    try:
+        slots.acquire_nowait()
+    except trio.WouldBlock:
+        with trio.move_on_after(1.0):
+            try:
+                await stream.send_all(_response(503, b"busy\n"))
+            except trio.BrokenResourceError:
+                pass
+        await trio.aclose_forcefully(stream)
+        return
+    try:
+        with trio.move_on_after(timeout):
+            try:
+                try:
+                    head = await _read_head(stream)
+                except _TooLarge:
+                    answer = _response(431, b"request too large\n")
+                else:
+                    if not head:
+                        return  # connected and closed without a request
+                    answer = _answer(head, ready, metrics)
+                await stream.send_all(answer)
+                await stream.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the client went away: nothing to answer
+    finally:
+        slots.release()
+        await trio.aclose_forcefully(stream)
+
+
+async def serve_endpoints(
+    port: int,
+    *,
+    host: str = "0.0.0.0",
+    ready: Callable[[], bool],
+    metrics: Callable[[], bytes] = render_metrics,
+    timeout: float = REQUEST_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` until cancelled.
+
+    Use with ``port = await nursery.start(serve_endpoints, 9464, ready=...)``: ``port`` 0
+    picks a free port, and the port actually bound is what ``task_status.started`` reports.
+    ``ready`` and ``metrics`` are called in trio's thread, once per request; ``metrics``
+    defaults to `render_metrics`. Every connection task lives in this function's nursery, so
+    cancelling it closes the listener and every open connection; it never returns otherwise.
+    Binding errors (port in use, bad host) raise ``OSError`` before ``started``."""
+    slots = trio.Semaphore(max_connections)
+    handler = partial(_handle, ready=ready, metrics=metrics, slots=slots, timeout=timeout)
+    async with trio.open_nursery() as nursery:
+        listeners: list[trio.SocketListener] = await nursery.start(
+            partial(trio.serve_tcp, handler, port, host=host)
+        )
+        actual = listeners[0].socket.getsockname()[1]
+        logger.info("serving /metrics /healthz /readyz on %s:%d", host, actual)
+        task_status.started(actual)
