@@ -1,0 +1,1055 @@
+"""The in-memory broker: a faithful model of a peek-lock broker with sessions.
+
+`InMemoryProvider` is the default provider, the demo's and the benchmarks' broker, and the
+test double users run their actors against. It behaves like Service Bus (and, through the
+runtime, like SQS FIFO groups): peek-lock with lock expiry, delivery counts, a broker-side
+dead-letter queue after ``max_delivery_count`` deliveries, time-to-live, scheduled messages,
+session locks and session state, and fault injection.
+
+Model, in short:
+
+* Queues are created on first use as session-enabled queues; `InMemoryProvider.create_queue`
+  declares one explicitly (also non-session ones). Each queue has a dead-letter queue, itself
+  a non-session queue, opened with ``open_receiver(queue, dead_letter=True)``.
+* Every message gets a sequence number when it becomes available (at send, or when a
+  scheduled message comes due). Within a session, messages are delivered in sequence order;
+  an abandoned or expired message goes back to its place, before any later one.
+* Locks (message and session) last ``lock_duration`` seconds on ``trio.current_time()``, so
+  tests run the broker on ``MockClock``. There are no background tasks: lock expiry, TTL and
+  scheduled messages are evaluated lazily whenever a queue is touched, from a per-queue heap
+  of timed events, and a waiting ``receive`` / ``accept_session`` also wakes at the next timed
+  event, so a lock that expires while everyone waits is noticed on time.
+* Delivery counting: the first delivery has ``delivery_count`` 1; every later one (after
+  abandon, lock expiry, or release of a session that held it) is one more. A message whose
+  next delivery would exceed the queue's ``max_delivery_count`` is moved to the dead-letter
+  queue instead, reason ``MaxDeliveryCountExceeded``.
+* Wall-clock times (``scheduled_enqueue_time``, ``enqueued_at``) map onto trio's clock
+  through an offset captured when the provider is created inside a trio run (or at its first
+  use inside one): ``trio_time = trio_at_start + (utc - utc_at_start)``. Use one provider per
+  ``trio.run``.
+* Memory is bounded: a queue holds at most ``max_queue_messages`` messages, counting its
+  dead-letter queue (as a Service Bus quota does); a send beyond that raises `QueueFull`.
+* Cost: sends, receives and settlements are O(log n); accepting a session is O(log s) using a
+  heap of ready sessions. Nothing scans all messages or all sessions.
+
+Not thread-safe: use one provider from one trio run (every call runs on the trio thread).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, Literal
+
+import msgspec
+import trio
+
+from ..errors import (
+    InvalidReceipt,
+    MessageLockLost,
+    MessageTooLarge,
+    NotSupported,
+    QueueError,
+    QueueFull,
+    SessionLockLost,
+    ValidationError,
+)
+from ..message import Message, ReceivedMessage
+from .base import Capabilities, Provider, QueueInfo, QueueStats, Receiver
+
+__all__ = ["FAULT_OPERATIONS", "InMemoryProvider"]
+
+FAULT_OPERATIONS: Final = (
+    "send",
+    "receive",
+    "accept_session",
+    "complete",
+    "abandon",
+    "dead_letter",
+    "renew_lock",
+)
+"""Operations `InMemoryProvider.inject_fault` can make fail."""
+
+_State = Literal["scheduled", "pending", "delayed", "locked", "gone"]
+
+
+class _Rec:
+    """One stored message and its broker-side bookkeeping."""
+
+    __slots__ = (
+        "dead_letter_description",
+        "dead_letter_reason",
+        "dead_letter_source",
+        "delivery_count",
+        "due",
+        "enqueued_at",
+        "expires_at",
+        "lock_token",
+        "locked_until",
+        "message",
+        "seq",
+        "session",
+        "state",
+        "visible_at",
+    )
+
+    def __init__(self, message: Message, session: _Session | None) -> None:
+        self.message = message
+        self.session = session
+        self.seq = 0
+        self.state: _State = "pending"
+        self.delivery_count = 0
+        self.enqueued_at = 0.0
+        self.due = 0.0
+        self.visible_at = 0.0
+        self.expires_at: float | None = None
+        self.lock_token: str | None = None
+        self.locked_until: float | None = None
+        self.dead_letter_reason: str | None = None
+        self.dead_letter_description: str | None = None
+        self.dead_letter_source: str | None = None
+
+
+class _Waiters:
+    """Tasks waiting for something to become available, woken one at a time (no herd).
+
+    A waiter that was woken but leaves because it is cancelled passes the wake-up on, so a
+    notification is never lost.
+    """
+
+    __slots__ = ("_counter", "_waiting")
+
+    def __init__(self) -> None:
+        self._waiting: OrderedDict[int, trio.Event] = OrderedDict()
+        self._counter = itertools.count()
+
+    async def wait(self, until: float) -> None:
+        """Return when notified or at ``until`` (trio clock). Cancellable."""
+        key = next(self._counter)
+        event = trio.Event()
+        self._waiting[key] = event
+        try:
+            with trio.move_on_at(until):
+                await event.wait()
+        except trio.Cancelled:
+            if event.is_set():
+                self.notify()
+            raise
+        finally:
+            self._waiting.pop(key, None)
+
+    def notify(self, count: int = 1) -> None:
+        while count > 0 and self._waiting:
+            _, event = self._waiting.popitem(last=False)
+            event.set()
+            count -= 1
+
+    def notify_all(self) -> None:
+        self.notify(len(self._waiting))
+
+
+class _Session:
+    __slots__ = (
+        "epoch",
+        "holder",
+        "id",
+        "in_flight",
+        "lock_until",
+        "pending",
+        "scheduled",
+        "state",
+        "waiters",
+    )
+
+    def __init__(self, session_id: str) -> None:
+        self.id = session_id
+        # (seq, rec) of messages waiting for delivery, in sequence order. Entries of messages
+        # that left (TTL) are dropped lazily when they reach the top.
+        self.pending: list[tuple[int, _Rec]] = []
+        self.in_flight: dict[str, _Rec] = {}
+        self.holder: _SessionReceiver | None = None
+        self.lock_until = 0.0
+        self.epoch = 0  # bumped at every accept/release, to tell stale lock timers apart
+        self.scheduled = 0
+        self.state: bytes | None = None
+        self.waiters = _Waiters()
+
+
+class _Queue:
+    def __init__(
+        self,
+        name: str,
+        *,
+        requires_session: bool,
+        lock_duration: float,
+        max_delivery_count: int | None,
+        dead_letter_on_expiration: bool,
+        dead_letter_of: _Queue | None = None,
+    ) -> None:
+        self.name = name
+        self.requires_session = requires_session
+        self.lock_duration = lock_duration
+        self.max_delivery_count = max_delivery_count
+        self.dead_letter_on_expiration = dead_letter_on_expiration
+        self.parent = dead_letter_of
+        # Every message not yet removed, keyed by sequence number (insertion = sequence order).
+        self.live: dict[int, _Rec] = {}
+        self.n_scheduled = 0
+        self.n_locked = 0
+        self.n_delayed = 0
+        # Timed events: (when, tiebreak, kind, payload). Stale entries are skipped lazily.
+        self.timers: list[tuple[float, int, str, Any]] = []
+        self.waiters = _Waiters()
+        # Session queues: sessions by id and the heap of sessions ready to be accepted,
+        # keyed by the sequence number of their first pending message (oldest first).
+        self.sessions: dict[str, _Session] = {}
+        self.ready: list[tuple[int, str]] = []
+        # Non-session queues: pending (seq, rec) heap and locked messages by token.
+        self.pending: list[tuple[int, _Rec]] = []
+        self.locked: dict[str, _Rec] = {}
+        self.dlq: _Queue | None = None
+
+    @property
+    def held(self) -> int:
+        """Messages counted against the bound (this queue plus its dead-letter queue)."""
+        total = len(self.live) + self.n_scheduled
+        if self.dlq is not None:
+            total += len(self.dlq.live)
+        return total
+
+
+class InMemoryProvider(Provider):
+    """A peek-lock broker with sessions, in memory. See the module docstring for the model.
+
+    ``lock_duration`` (60 s, as Service Bus's default) and ``max_delivery_count`` (10, as
+    Service Bus's default) apply to queues created on first use; ``max_queue_messages`` bounds
+    each queue (with its dead-letter queue); ``max_message_size`` (256 KiB, the smaller of the
+    clouds' limits) bounds each message as `Provider.message_size` counts it.
+    """
+
+    def __init__(
+        self,
+        *,
+        lock_duration: float = 60.0,
+        max_delivery_count: int = 10,
+        max_queue_messages: int = 100_000,
+        max_message_size: int = 256 * 1024,
+    ) -> None:
+        if not (
+            isinstance(lock_duration, (int, float)) and math.isfinite(lock_duration) and lock_duration > 0
+        ):
+            raise ValidationError(f"lock_duration must be a number > 0, got {lock_duration!r}")
+        if not isinstance(max_delivery_count, int) or max_delivery_count < 1:
+            raise ValidationError(f"max_delivery_count must be an integer >= 1, got {max_delivery_count!r}")
+        if not isinstance(max_queue_messages, int) or max_queue_messages < 1:
+            raise ValidationError(f"max_queue_messages must be an integer >= 1, got {max_queue_messages!r}")
+        if not isinstance(max_message_size, int) or max_message_size < 1:
+            raise ValidationError(f"max_message_size must be an integer >= 1, got {max_message_size!r}")
+        self.lock_duration = float(lock_duration)
+        self.max_delivery_count = max_delivery_count
+        self.max_queue_messages = max_queue_messages
+        self.capabilities = Capabilities(
+            system="memory",
+            native_sessions=True,
+            session_state=True,
+            max_batch_count=100,
+            max_batch_bytes=max_message_size,
+            max_message_size=max_message_size,
+            scheduled_messages=True,
+            abandon_delay=True,
+        )
+        self._queues: dict[str, _Queue] = {}
+        self._faults: dict[str, list[tuple[BaseException, int]]] = {}
+        self._seq = itertools.count(1)
+        self._tokens = itertools.count(1)
+        self._tiebreak = itertools.count()
+        self._closed = False
+        self._wall_epoch: datetime | None = None
+        self._trio_epoch = 0.0
+        try:
+            self._capture_epoch()
+        except RuntimeError:
+            pass  # created outside a trio run: captured at first use instead
+
+    # -- clock -----------------------------------------------------------------------------
+    def _capture_epoch(self) -> None:
+        now = trio.current_time()
+        self._wall_epoch = datetime.now(UTC)
+        self._trio_epoch = now
+
+    def _now(self) -> float:
+        if self._wall_epoch is None:
+            self._capture_epoch()
+        return trio.current_time()
+
+    def _to_trio(self, when: datetime) -> float:
+        assert self._wall_epoch is not None
+        return self._trio_epoch + (when - self._wall_epoch).total_seconds()
+
+    def _to_wall(self, at: float) -> datetime:
+        assert self._wall_epoch is not None
+        return self._wall_epoch + timedelta(seconds=at - self._trio_epoch)
+
+    # -- administration --------------------------------------------------------------------
+    def create_queue(
+        self,
+        name: str,
+        *,
+        requires_session: bool = True,
+        lock_duration: float | None = None,
+        max_delivery_count: int | None = None,
+        dead_letter_on_expiration: bool = False,
+    ) -> QueueInfo:
+        """Declare ``name`` (idempotent when the settings match; `ValidationError` otherwise).
+
+        ``lock_duration`` and ``max_delivery_count`` default to the provider's.
+        ``dead_letter_on_expiration`` moves expired (TTL) messages to the dead-letter queue with
+        reason ``TTLExpiredException`` instead of dropping them (Service Bus's option).
+        """
+        self.validate_queue_name(name)
+        lock = self.lock_duration if lock_duration is None else float(lock_duration)
+        if not (math.isfinite(lock) and lock > 0):
+            raise ValidationError(f"lock_duration must be > 0, got {lock_duration!r}")
+        mdc = self.max_delivery_count if max_delivery_count is None else max_delivery_count
+        if not isinstance(mdc, int) or mdc < 1:
+            raise ValidationError(f"max_delivery_count must be an integer >= 1, got {max_delivery_count!r}")
+        existing = self._queues.get(name)
+        if existing is not None:
+            if (
+                existing.requires_session != requires_session
+                or existing.lock_duration != lock
+                or existing.max_delivery_count != mdc
+                or existing.dead_letter_on_expiration != dead_letter_on_expiration
+            ):
+                raise ValidationError(f"queue {name!r} already exists with different settings")
+            return self._info(existing)
+        queue = _Queue(
+            name,
+            requires_session=requires_session,
+            lock_duration=lock,
+            max_delivery_count=mdc,
+            dead_letter_on_expiration=dead_letter_on_expiration,
+        )
+        queue.dlq = _Queue(
+            f"{name}/$deadletterqueue",
+            requires_session=False,
+            lock_duration=lock,
+            max_delivery_count=None,
+            dead_letter_on_expiration=False,
+            dead_letter_of=queue,
+        )
+        self._queues[name] = queue
+        return self._info(queue)
+
+    def _queue(self, name: str) -> _Queue:
+        queue = self._queues.get(name)
+        if queue is None:
+            self.create_queue(name)
+            queue = self._queues[name]
+        return queue
+
+    @staticmethod
+    def _info(queue: _Queue) -> QueueInfo:
+        return QueueInfo(
+            name=queue.name,
+            requires_session=queue.requires_session,
+            lock_duration=queue.lock_duration,
+            max_delivery_count=queue.max_delivery_count,
+            dead_letter_queue=queue.dlq.name if queue.dlq is not None else None,
+        )
+
+    def inject_fault(self, operation: str, error: BaseException, times: int = 1) -> None:
+        """Make the next ``times`` calls of ``operation`` raise ``error`` before doing anything.
+
+        ``operation`` is one of `FAULT_OPERATIONS`; ``"renew_lock"`` covers session and message
+        lock renewal, ``"receive"`` covers every receiver's ``receive``. Faults queue up in
+        order when injected repeatedly.
+        """
+        if operation not in FAULT_OPERATIONS:
+            raise ValidationError(
+                f"unknown fault operation {operation!r}; use one of {', '.join(FAULT_OPERATIONS)}"
+            )
+        if not isinstance(error, BaseException):
+            raise ValidationError(f"error must be an exception instance, got {type(error).__name__}")
+        if not isinstance(times, int) or times < 1:
+            raise ValidationError(f"times must be an integer >= 1, got {times!r}")
+        self._faults.setdefault(operation, []).append((error, times))
+
+    async def _enter(self, operation: str) -> None:
+        """Checkpoint first (cancellation changes nothing), then raise an injected fault."""
+        await trio.lowlevel.checkpoint()
+        if self._closed:
+            raise QueueError("the in-memory provider is closed")
+        faults = self._faults.get(operation)
+        if faults:
+            error, remaining = faults[0]
+            if remaining <= 1:
+                faults.pop(0)
+            else:
+                faults[0] = (error, remaining - 1)
+            raise error
+
+    # -- timed events ----------------------------------------------------------------------
+    def _timer(self, queue: _Queue, when: float, kind: str, payload: Any) -> None:
+        heapq.heappush(queue.timers, (when, next(self._tiebreak), kind, payload))
+
+    def _timer_live(self, kind: str, payload: Any) -> bool:
+        """Whether a timed event still matters (cheap; lets waiters skip stale deadlines)."""
+        if kind == "activate":
+            rec: _Rec = payload
+            return rec.state == "scheduled"
+        if kind == "visible":
+            rec = payload
+            return rec.state == "delayed"
+        if kind == "mlock":
+            rec, token, until = payload
+            return rec.state == "locked" and rec.lock_token == token and rec.locked_until == until
+        if kind == "slock":
+            session, epoch, until = payload
+            return session.holder is not None and session.epoch == epoch and session.lock_until == until
+        if kind == "ttl":
+            rec = payload
+            return rec.state in ("pending", "delayed")
+        # "shead": an abandon delay ends; always live so it also wakes the session's holder.
+        return kind == "shead"
+
+    def _next_event(self, queue: _Queue) -> float:
+        timers = queue.timers
+        while timers and not self._timer_live(timers[0][2], timers[0][3]):
+            heapq.heappop(timers)
+        return timers[0][0] if timers else math.inf
+
+    def _advance(self, queue: _Queue) -> None:
+        """Apply every timed event that is due: activations, visibility, expiries."""
+        now = self._now()
+        timers = queue.timers
+        while timers and timers[0][0] <= now:
+            _when, _, kind, payload = heapq.heappop(timers)
+            if not self._timer_live(kind, payload):
+                continue
+            if kind == "activate":
+                rec = payload
+                queue.n_scheduled -= 1
+                if rec.session is not None:
+                    rec.session.scheduled -= 1
+                self._make_available(queue, rec, now, enqueued_at=rec.due)
+            elif kind == "visible":
+                rec = payload
+                queue.n_delayed -= 1
+                rec.state = "pending"
+                heapq.heappush(queue.pending, (rec.seq, rec))
+                queue.waiters.notify()
+            elif kind == "mlock":
+                rec = payload[0]
+                self._unlock(queue, rec)
+                self._return(queue, rec, now, delay=None)
+            elif kind == "slock":
+                session = payload[0]
+                self._release_session(queue, session, now)
+            elif kind == "ttl":
+                rec = payload
+                self._expire(queue, rec)
+                if rec.session is not None:
+                    self._session_changed(queue, rec.session, now)
+            elif kind == "shead":
+                self._session_changed(queue, payload, now)
+
+    # -- message movement ------------------------------------------------------------------
+    def _make_available(self, queue: _Queue, rec: _Rec, now: float, *, enqueued_at: float) -> None:
+        """Give ``rec`` its sequence number and make it deliverable."""
+        rec.seq = next(self._seq)
+        rec.enqueued_at = enqueued_at
+        rec.state = "pending"
+        rec.visible_at = now
+        queue.live[rec.seq] = rec
+        if rec.message.time_to_live is not None:
+            # As on Service Bus, a scheduled message's time to live starts when it is enqueued.
+            rec.expires_at = enqueued_at + rec.message.time_to_live
+            self._timer(queue, rec.expires_at, "ttl", rec)
+        session = rec.session
+        if session is None:
+            heapq.heappush(queue.pending, (rec.seq, rec))
+            queue.waiters.notify()
+        else:
+            heapq.heappush(session.pending, (rec.seq, rec))
+            self._session_changed(queue, session, now)
+
+    def _unlock(self, queue: _Queue, rec: _Rec) -> None:
+        if rec.lock_token is not None:
+            if rec.session is None:
+                queue.locked.pop(rec.lock_token, None)
+            else:
+                rec.session.in_flight.pop(rec.lock_token, None)
+        rec.lock_token = None
+        rec.locked_until = None
+        rec.state = "pending"  # in transit: the caller returns, removes or dead-letters it
+        queue.n_locked -= 1
+
+    def _return(self, queue: _Queue, rec: _Rec, now: float, *, delay: float | None) -> None:
+        """Put a message that was delivered (and is now unlocked) back, or dead-letter it."""
+        if queue.max_delivery_count is not None and rec.delivery_count >= queue.max_delivery_count:
+            self._to_dead_letter(
+                queue,
+                rec,
+                "MaxDeliveryCountExceeded",
+                f"delivered {rec.delivery_count} times; the queue's max_delivery_count is"
+                f" {queue.max_delivery_count}",
+            )
+            if rec.session is not None:
+                self._session_changed(queue, rec.session, now)
+            return
+        if rec.expires_at is not None and rec.expires_at <= now:
+            self._expire(queue, rec)
+            if rec.session is not None:
+                self._session_changed(queue, rec.session, now)
+            return
+        session = rec.session
+        visible_at = now + delay if delay else now
+        rec.visible_at = visible_at
+        if session is None:
+            if delay:
+                rec.state = "delayed"
+                queue.n_delayed += 1
+                self._timer(queue, visible_at, "visible", rec)
+            else:
+                rec.state = "pending"
+                heapq.heappush(queue.pending, (rec.seq, rec))
+                queue.waiters.notify()
+        else:
+            # The message keeps its place: nothing later in the session is delivered first.
+            rec.state = "pending"
+            heapq.heappush(session.pending, (rec.seq, rec))
+            if delay:
+                self._timer(queue, visible_at, "shead", session)
+            self._session_changed(queue, session, now)
+        if rec.expires_at is not None:
+            self._timer(queue, rec.expires_at, "ttl", rec)
+
+    def _remove(self, queue: _Queue, rec: _Rec) -> None:
+        if rec.state == "locked":
+            self._unlock(queue, rec)
+        elif rec.state == "delayed":
+            queue.n_delayed -= 1
+        rec.state = "gone"
+        queue.live.pop(rec.seq, None)
+
+    def _expire(self, queue: _Queue, rec: _Rec) -> None:
+        """TTL passed: drop the message, or dead-letter it if the queue says so."""
+        if queue.dead_letter_on_expiration:
+            self._to_dead_letter(queue, rec, "TTLExpiredException", "the message's time to live passed")
+        else:
+            self._remove(queue, rec)
+
+    def _to_dead_letter(self, queue: _Queue, rec: _Rec, reason: str, description: str | None) -> None:
+        """Copy into the DLQ, then remove the original (the copy exists first)."""
+        dlq = queue.dlq
+        assert dlq is not None
+        copy = _Rec(rec.message, None)
+        copy.delivery_count = rec.delivery_count
+        copy.dead_letter_reason = reason
+        copy.dead_letter_description = description
+        copy.dead_letter_source = queue.name
+        copy.seq = next(self._seq)
+        copy.enqueued_at = rec.enqueued_at
+        copy.visible_at = self._now()
+        dlq.live[copy.seq] = copy
+        heapq.heappush(dlq.pending, (copy.seq, copy))
+        dlq.waiters.notify()
+        self._remove(queue, rec)
+
+    # -- sessions --------------------------------------------------------------------------
+    def _head(self, session: _Session) -> _Rec | None:
+        pending = session.pending
+        while pending and pending[0][1].state != "pending":
+            heapq.heappop(pending)
+        return pending[0][1] if pending else None
+
+    def _session_changed(self, queue: _Queue, session: _Session, now: float) -> None:
+        """Re-evaluate a session after its pending messages or holder changed."""
+        head = self._head(session)
+        if session.holder is not None:
+            if head is not None and head.visible_at <= now:
+                session.waiters.notify()
+            return
+        if head is None:
+            if not session.in_flight and session.scheduled == 0 and session.state is None:
+                queue.sessions.pop(session.id, None)  # forget empty sessions: bounded memory
+            return
+        if head.visible_at <= now:
+            heapq.heappush(queue.ready, (head.seq, session.id))
+            queue.waiters.notify()
+
+    def _release_session(self, queue: _Queue, session: _Session, now: float) -> None:
+        """The holder is gone (closed or lock expired): hand its messages back."""
+        holder = session.holder
+        if holder is None:
+            return
+        holder._lost = True
+        session.holder = None
+        session.epoch += 1
+        for rec in list(session.in_flight.values()):
+            self._unlock(queue, rec)
+            self._return(queue, rec, now, delay=None)
+        session.waiters.notify_all()
+        self._session_changed(queue, session, now)
+
+    def _pop_ready_session(self, queue: _Queue, now: float) -> _Session | None:
+        ready = queue.ready
+        while ready:
+            seq, session_id = heapq.heappop(ready)
+            session = queue.sessions.get(session_id)
+            if session is None or session.holder is not None:
+                continue
+            head = self._head(session)
+            if head is None or head.visible_at > now:
+                continue
+            if head.seq != seq:
+                heapq.heappush(ready, (head.seq, session_id))  # its head changed: keep its turn right
+                continue
+            return session
+        return None
+
+    def _deliver(
+        self, queue: _Queue, rec: _Rec, now: float, locked_until: float, token: str
+    ) -> ReceivedMessage:
+        rec.state = "locked"
+        rec.delivery_count += 1
+        rec.lock_token = token
+        rec.locked_until = locked_until
+        queue.n_locked += 1
+        return self._received(rec, receipt=token)
+
+    def _received(self, rec: _Rec, *, receipt: str) -> ReceivedMessage:
+        message = rec.message
+        # Hand out a copy so a consumer mutating properties cannot change the stored message.
+        copy = msgspec.structs.replace(message, properties=dict(message.properties))
+        return ReceivedMessage(
+            message=copy,
+            receipt=receipt,
+            delivery_count=rec.delivery_count,
+            enqueued_at=self._to_wall(rec.enqueued_at),
+            sequence_number=rec.seq,
+            locked_until=rec.locked_until,
+            dead_letter_reason=rec.dead_letter_reason,
+            dead_letter_description=rec.dead_letter_description,
+            dead_letter_source=rec.dead_letter_source,
+        )
+
+    def _new_token(self) -> str:
+        return f"lock-{next(self._tokens)}"
+
+    # -- Provider API ----------------------------------------------------------------------
+    async def describe(self, queue: str) -> QueueInfo:
+        """How ``queue`` is set up (creating it, as a session queue, on first use)."""
+        await trio.lowlevel.checkpoint()
+        self.validate_queue_name(queue)
+        return self._info(self._queue(queue))
+
+    async def send(self, queue: str, messages: Sequence[Message]) -> None:
+        """Enqueue ``messages`` atomically: all are validated first, then all are stored.
+
+        Raises `ValidationError` (bad queue name, not a `Message`, no session id on a session
+        queue, more than ``max_batch_count`` messages or ``max_batch_bytes`` bytes),
+        `MessageTooLarge`, or `QueueFull` (nothing is stored then).
+        """
+        await self._enter("send")
+        self.validate_queue_name(queue)
+        q = self._queue(queue)
+        caps = self.capabilities
+        if len(messages) > caps.max_batch_count:
+            raise ValidationError(
+                f"a batch holds at most {caps.max_batch_count} messages, got {len(messages)}"
+            )
+        total = 0
+        for message in messages:
+            if not isinstance(message, Message):
+                raise ValidationError(f"expected a Message, got {type(message).__name__}")
+            size = self.message_size(message)
+            if size > caps.max_message_size:
+                raise MessageTooLarge(size, caps.max_message_size)
+            total += size
+            if message.session_id is None:
+                if q.requires_session:
+                    raise ValidationError(
+                        f"queue {queue!r} requires sessions: message {message.message_id!r} has no session id"
+                    )
+            else:
+                self.validate_session_id(message.session_id)
+        if total > caps.max_batch_bytes:
+            raise MessageTooLarge(total, caps.max_batch_bytes, what="batch")
+        now = self._now()
+        self._advance(q)
+        if q.held + len(messages) > self.max_queue_messages:
+            raise QueueFull(
+                f"queue {queue!r} holds {q.held} messages (dead-letter queue included); the bound is"
+                f" {self.max_queue_messages}: receive or purge before sending more"
+            )
+        for message in messages:
+            stored = msgspec.structs.replace(message, properties=dict(message.properties))
+            session: _Session | None = None
+            if q.requires_session and message.session_id is not None:
+                session = q.sessions.get(message.session_id)
+                if session is None:
+                    session = q.sessions[message.session_id] = _Session(message.session_id)
+            rec = _Rec(stored, session)
+            due = (
+                self._to_trio(message.scheduled_enqueue_time)
+                if message.scheduled_enqueue_time is not None
+                else now
+            )
+            if due > now:
+                rec.state = "scheduled"
+                rec.due = due
+                q.n_scheduled += 1
+                if session is not None:
+                    session.scheduled += 1
+                self._timer(q, due, "activate", rec)
+            else:
+                self._make_available(q, rec, now, enqueued_at=now)
+
+    async def accept_session(self, queue: str, *, timeout: float) -> Receiver | None:
+        """The session whose first available message is oldest among sessions nobody holds,
+        locked for the queue's ``lock_duration``; None after ``timeout`` seconds.
+
+        Cancellable: a cancelled call accepts nothing.
+        """
+        await self._enter("accept_session")
+        self.validate_queue_name(queue)
+        q = self._queue(queue)
+        if not q.requires_session:
+            raise NotSupported(f"queue {queue!r} has no sessions: use open_receiver")
+        deadline = self._now() + max(timeout, 0.0)
+        while True:
+            self._advance(q)
+            now = self._now()
+            session = self._pop_ready_session(q, now)
+            if session is not None:
+                receiver = _SessionReceiver(self, q, session)
+                session.holder = receiver
+                session.epoch += 1
+                session.lock_until = now + q.lock_duration
+                self._timer(q, session.lock_until, "slock", (session, session.epoch, session.lock_until))
+                if q.ready:
+                    q.waiters.notify()  # maybe more ready: pass the turn on
+                return receiver
+            if now >= deadline:
+                if q.ready:
+                    q.waiters.notify()  # a wake-up may have raced our timeout: pass it on
+                return None
+            await q.waiters.wait(min(deadline, self._next_event(q)))
+
+    async def open_receiver(self, queue: str, *, dead_letter: bool = False) -> Receiver:
+        """A receiver for a non-session queue, or for ``queue``'s dead-letter queue."""
+        await trio.lowlevel.checkpoint()
+        self.validate_queue_name(queue)
+        q = self._queue(queue)
+        if dead_letter:
+            assert q.dlq is not None
+            return _QueueReceiver(self, q.dlq)
+        if q.requires_session:
+            raise NotSupported(f"queue {queue!r} requires sessions: use accept_session")
+        return _QueueReceiver(self, q)
+
+    async def peek_dead_letters(self, queue: str, max_messages: int = 32) -> list[ReceivedMessage]:
+        """Up to ``max_messages`` dead-lettered messages, oldest first, unlocked copies."""
+        await trio.lowlevel.checkpoint()
+        self.validate_queue_name(queue)
+        q = self._queue(queue)
+        assert q.dlq is not None
+        self._advance(q.dlq)
+        return [
+            self._received(rec, receipt="") for rec in itertools.islice(q.dlq.live.values(), max_messages)
+        ]
+
+    async def queue_stats(self, queue: str) -> QueueStats:
+        """Exact depth figures: ``active`` (waiting for delivery, abandon-delayed included),
+        ``in_flight`` (locked), ``scheduled``, ``dead_letter``, ``oldest_message_age`` (seconds
+        since the oldest stored message was enqueued; None when empty)."""
+        await trio.lowlevel.checkpoint()
+        self.validate_queue_name(queue)
+        q = self._queue(queue)
+        assert q.dlq is not None
+        self._advance(q)
+        self._advance(q.dlq)
+        now = self._now()
+        oldest = next(iter(q.live.values()), None)
+        return QueueStats(
+            queue=queue,
+            active=len(q.live) - q.n_locked,
+            in_flight=q.n_locked,
+            scheduled=q.n_scheduled,
+            dead_letter=len(q.dlq.live),
+            oldest_message_age=(now - oldest.enqueued_at) if oldest is not None else None,
+        )
+
+    async def purge_dead_letters(self, queue: str) -> int:
+        """Delete every dead-lettered message of ``queue`` (locked ones too); returns how many."""
+        await trio.lowlevel.checkpoint()
+        self.validate_queue_name(queue)
+        q = self._queue(queue)
+        dlq = q.dlq
+        assert dlq is not None
+        removed = 0
+        for rec in list(dlq.live.values()):
+            self._remove(dlq, rec)
+            removed += 1
+        dlq.pending.clear()
+        return removed
+
+    async def aclose(self) -> None:
+        """Close: every later call raises `QueueError`. Idempotent. Stored messages are kept."""
+        await trio.lowlevel.checkpoint()
+        self._closed = True
+        for q in self._queues.values():
+            q.waiters.notify_all()
+
+
+class _SessionReceiver(Receiver):
+    """The holder of one session's lock."""
+
+    def __init__(self, provider: InMemoryProvider, queue: _Queue, session: _Session) -> None:
+        self._provider = provider
+        self._queue = queue
+        self._session = session
+        self.queue = queue.name
+        self.session_id = session.id
+        self._lost = False
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<memory session receiver queue={self.queue!r} session={self.session_id!r}>"
+
+    @property
+    def locked_until(self) -> float | None:
+        return self._session.lock_until
+
+    def _check(self) -> _Session:
+        """Apply due events, then raise `SessionLockLost` unless this receiver holds the lock."""
+        if self._closed:
+            raise SessionLockLost(f"session {self.session_id!r}: the receiver was closed")
+        self._provider._advance(self._queue)
+        session = self._session
+        if self._lost or session.holder is not self:
+            raise SessionLockLost(
+                f"session {self.session_id!r} on queue {self.queue!r}:"
+                " the session lock expired or was released"
+            )
+        return session
+
+    def _in_flight(self, session: _Session, message: ReceivedMessage) -> _Rec:
+        rec = session.in_flight.get(message.receipt) if message.receipt else None
+        if rec is None:
+            raise InvalidReceipt(
+                f"message {message.message_id!r}: receipt is no longer valid (already settled or redelivered)"
+            )
+        return rec
+
+    async def receive(self, max_messages: int = 1, timeout: float = 0.0) -> list[ReceivedMessage]:
+        """Up to ``max_messages`` of this session's messages, in sequence order, waiting at most
+        ``timeout`` seconds for the first. Cancellable: a cancelled call takes nothing."""
+        provider = self._provider
+        await provider._enter("receive")
+        if max_messages < 1:
+            raise ValidationError(f"max_messages must be >= 1, got {max_messages!r}")
+        deadline = provider._now() + max(timeout, 0.0)
+        while True:
+            session = self._check()
+            now = provider._now()
+            out: list[ReceivedMessage] = []
+            while len(out) < max_messages:
+                head = provider._head(session)
+                if head is None or head.visible_at > now:
+                    break
+                heapq.heappop(session.pending)
+                if head.expires_at is not None and head.expires_at <= now:
+                    provider._expire(self._queue, head)
+                    continue
+                token = provider._new_token()
+                session.in_flight[token] = head
+                out.append(provider._deliver(self._queue, head, now, session.lock_until, token))
+            if out:
+                return out
+            if now >= deadline:
+                return []
+            await session.waiters.wait(min(deadline, provider._next_event(self._queue)))
+
+    async def complete(self, message: ReceivedMessage) -> None:
+        await self._provider._enter("complete")
+        session = self._check()
+        rec = self._in_flight(session, message)
+        self._provider._remove(self._queue, rec)
+        self._provider._session_changed(self._queue, session, self._provider._now())
+
+    async def abandon(self, message: ReceivedMessage, *, delay: float | None = None) -> None:
+        """Hand the message back; it is this session's next message again (after ``delay``)."""
+        await self._provider._enter("abandon")
+        session = self._check()
+        rec = self._in_flight(session, message)
+        if delay is not None and not (math.isfinite(delay) and delay >= 0):
+            raise ValidationError(f"abandon delay must be a number >= 0, got {delay!r}")
+        provider = self._provider
+        provider._unlock(self._queue, rec)
+        provider._return(self._queue, rec, provider._now(), delay=delay)
+
+    async def dead_letter(
+        self, message: ReceivedMessage, reason: str, description: str | None = None
+    ) -> None:
+        await self._provider._enter("dead_letter")
+        session = self._check()
+        rec = self._in_flight(session, message)
+        self._provider._to_dead_letter(self._queue, rec, reason, description)
+        self._provider._session_changed(self._queue, session, self._provider._now())
+
+    async def renew_lock(self) -> float:
+        """Extend the session lock by the queue's ``lock_duration``; returns the new deadline."""
+        provider = self._provider
+        await provider._enter("renew_lock")
+        session = self._check()
+        session.lock_until = provider._now() + self._queue.lock_duration
+        for rec in session.in_flight.values():
+            rec.locked_until = session.lock_until
+        provider._timer(
+            self._queue, session.lock_until, "slock", (session, session.epoch, session.lock_until)
+        )
+        return session.lock_until
+
+    async def get_state(self) -> bytes | None:
+        await trio.lowlevel.checkpoint()
+        return self._check().state
+
+    async def set_state(self, state: bytes | None) -> None:
+        await trio.lowlevel.checkpoint()
+        if state is not None and not isinstance(state, (bytes, bytearray, memoryview)):
+            raise ValidationError(f"session state must be bytes or None, got {type(state).__name__}")
+        self._check().state = bytes(state) if state is not None else None
+
+    async def aclose(self) -> None:
+        """Release the session; unsettled messages become deliverable again at once (their
+        delivery was counted). Idempotent; never raises for a lost lock."""
+        # Release before the checkpoint: even a cancelled close must hand the session back.
+        if not self._closed:
+            self._closed = True
+            provider = self._provider
+            if not provider._closed:
+                provider._advance(self._queue)
+                if self._session.holder is self:
+                    provider._release_session(self._queue, self._session, provider._now())
+        await trio.lowlevel.checkpoint()
+
+
+class _QueueReceiver(Receiver):
+    """A receiver on a non-session queue or a dead-letter queue: one lock per message."""
+
+    def __init__(self, provider: InMemoryProvider, queue: _Queue) -> None:
+        self._provider = provider
+        self._queue = queue
+        self.queue = queue.parent.name if queue.parent is not None else queue.name
+        self.session_id = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        kind = "dead-letter" if self._queue.parent is not None else "queue"
+        return f"<memory {kind} receiver queue={self.queue!r}>"
+
+    @property
+    def locked_until(self) -> float | None:
+        return None
+
+    def _check(self) -> None:
+        if self._closed:
+            raise QueueError(f"the receiver on queue {self.queue!r} is closed")
+        self._provider._advance(self._queue)
+
+    def _locked(self, message: ReceivedMessage) -> _Rec:
+        rec = self._queue.locked.get(message.receipt) if message.receipt else None
+        if rec is None:
+            raise InvalidReceipt(
+                f"message {message.message_id!r}: receipt is no longer valid"
+                " (already settled, or its lock expired)"
+            )
+        return rec
+
+    async def receive(self, max_messages: int = 1, timeout: float = 0.0) -> list[ReceivedMessage]:
+        """Up to ``max_messages`` available messages, oldest first, each locked for the queue's
+        ``lock_duration``. Cancellable: a cancelled call takes nothing."""
+        provider = self._provider
+        await provider._enter("receive")
+        if max_messages < 1:
+            raise ValidationError(f"max_messages must be >= 1, got {max_messages!r}")
+        q = self._queue
+        deadline = provider._now() + max(timeout, 0.0)
+        while True:
+            self._check()
+            now = provider._now()
+            out: list[ReceivedMessage] = []
+            while len(out) < max_messages and q.pending:
+                _, rec = heapq.heappop(q.pending)
+                if rec.state != "pending":
+                    continue
+                if rec.expires_at is not None and rec.expires_at <= now and q.parent is None:
+                    provider._expire(q, rec)
+                    continue
+                token = provider._new_token()
+                q.locked[token] = rec
+                locked_until = now + q.lock_duration
+                out.append(provider._deliver(q, rec, now, locked_until, token))
+                provider._timer(q, locked_until, "mlock", (rec, token, locked_until))
+            if out:
+                if q.pending:
+                    q.waiters.notify()  # more left: let another waiting receiver have it
+                return out
+            if now >= deadline:
+                return []
+            await q.waiters.wait(min(deadline, provider._next_event(q)))
+
+    async def complete(self, message: ReceivedMessage) -> None:
+        await self._provider._enter("complete")
+        self._check()
+        self._provider._remove(self._queue, self._locked(message))
+
+    async def abandon(self, message: ReceivedMessage, *, delay: float | None = None) -> None:
+        await self._provider._enter("abandon")
+        self._check()
+        rec = self._locked(message)
+        if delay is not None and not (math.isfinite(delay) and delay >= 0):
+            raise ValidationError(f"abandon delay must be a number >= 0, got {delay!r}")
+        provider = self._provider
+        provider._unlock(self._queue, rec)
+        provider._return(self._queue, rec, provider._now(), delay=delay)
+
+    async def dead_letter(
+        self, message: ReceivedMessage, reason: str, description: str | None = None
+    ) -> None:
+        await self._provider._enter("dead_letter")
+        if self._queue.parent is not None:
+            raise NotSupported("a dead-lettered message cannot be dead-lettered again")
+        self._check()
+        self._provider._to_dead_letter(self._queue, self._locked(message), reason, description)
+
+    async def renew_lock(self) -> float:
+        await self._provider._enter("renew_lock")
+        raise NotSupported("this receiver holds no session: use renew_message_lock")
+
+    async def renew_message_lock(self, message: ReceivedMessage) -> float:
+        """Extend one message's lock by the queue's ``lock_duration``; `MessageLockLost` if it
+        expired (or the message was settled)."""
+        provider = self._provider
+        await provider._enter("renew_lock")
+        self._check()
+        rec = self._queue.locked.get(message.receipt) if message.receipt else None
+        if rec is None:
+            raise MessageLockLost(f"message {message.message_id!r}: its lock expired or it was settled")
+        assert rec.lock_token is not None
+        rec.locked_until = provider._now() + self._queue.lock_duration
+        provider._timer(self._queue, rec.locked_until, "mlock", (rec, rec.lock_token, rec.locked_until))
+        return rec.locked_until
+
+    async def aclose(self) -> None:
+        """Close the receiver. Messages it holds stay locked until their lock expires (as the
+        base contract says); settle or abandon them first. Idempotent."""
+        self._closed = True
+        await trio.lowlevel.checkpoint()
