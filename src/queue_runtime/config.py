@@ -156,8 +156,9 @@ LogFormat = Literal["text", "json"]
 
 
 class _Section(msgspec.Struct, frozen=True, kw_only=True):
-    """Base of every settings section: checks each field against its annotation on creation,
-    so a section built by hand is as valid as one built by `load_settings`."""
+    """Base of every settings section: checks (and normalises) each field against its
+    annotation on creation, so a section built by hand is as valid as one built by
+    `load_settings`."""
 
     _prefix: ClassVar[str] = ""
 
@@ -167,10 +168,14 @@ class _Section(msgspec.Struct, frozen=True, kw_only=True):
                 continue
             value = getattr(self, field.name)
             try:
-                _convert(value, field.type, text=False)
+                converted = _convert(value, field.type, text=False)
             except _Invalid as invalid:
                 key = self._prefix + field.name
                 raise ConfigurationError(f"{key} must be {invalid.expected}, got {invalid.shown}") from None
+            if converted is not value:
+                # Normalise what was given by hand: a plain str secret becomes a Secret, an int
+                # in a float field a float, "warning" the canonical "WARNING".
+                msgspec.structs.force_setattr(self, field.name, converted)
 
 
 class WorkerSettings(_Section, frozen=True, kw_only=True):
