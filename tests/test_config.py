@@ -431,6 +431,15 @@ def test_yaml_file_has_the_same_shape(tmp_path: Path) -> None:
     )
 
 
+def test_empty_yaml_sections_and_level_aliases(tmp_path: Path) -> None:
+    path = write(tmp_path / "config.yaml", "worker:\naws:\nlog_level: warn\n")
+    loaded = load_settings(path, env={"QUEUE_LOG_FORMAT": " Json "})
+    assert loaded.worker == WorkerSettings() and loaded.log_level == "WARNING" and loaded.log_format == "json"
+    assert load_settings(env={"QUEUE_LOG_LEVEL": "FATAL"}).log_level == "CRITICAL"
+    with pytest.raises(ConfigurationError, match=r"^log_level from env:QUEUE_LOG_LEVEL must be one of"):
+        load_settings(env={"QUEUE_LOG_LEVEL": "TRACE"})
+
+
 def test_file_discovery_order(tmp_path: Path) -> None:
     assert load_settings(env={}).sources["queue"] == "default"  # no file at all is fine
     write(tmp_path / "config.yaml", "queue: from-yaml\n")

@@ -481,6 +481,10 @@ def _redact_hook(value: object) -> object:
 # ---- conversion and checks -------------------------------------------------------------------
 
 
+# The operations guide's level names that Python's logging spells differently.
+_ALIASES: Final = {"warn": "warning", "fatal": "critical"}
+
+
 class _Invalid(Exception):
     def __init__(self, expected: str, shown: str) -> None:
         super().__init__(expected)
@@ -580,8 +584,10 @@ def _convert(value: object, t: mi.Type, *, text: bool) -> object:
         return float(number)
     if isinstance(t, mi.LiteralType):
         if isinstance(value, str):
+            wanted = value.strip().lower()
+            wanted = _ALIASES.get(wanted, wanted) if "WARNING" in t.values else wanted
             for allowed in t.values:
-                if isinstance(allowed, str) and allowed.lower() == value.strip().lower():
+                if isinstance(allowed, str) and allowed.lower() == wanted:
                     return allowed
         raise invalid()
     if isinstance(t, mi.StrType):
@@ -679,6 +685,8 @@ def _flatten_mapping(
             raise ConfigurationError(f"configuration key {name!r} in {what} is not a string")
         key = prefix + name
         if key in sections:
+            if value is None:
+                continue  # YAML "worker:" with every key commented out
             if isinstance(value, msgspec.Struct):
                 value = {field.name: getattr(value, field.name) for field in _struct_fields(type(value))}
             if not isinstance(value, Mapping):
