@@ -14,9 +14,8 @@ from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the fakes package
 
-from fakes.servicebus import FakeAdministrationClient, FakeNamespace  # noqa: E402
-
-from queue_runtime.providers.servicebus import ServiceBusProvider  # noqa: E402
+from fakes.servicebus import FakeAdministrationClient, FakeNamespace
+from queue_runtime.providers.servicebus import ServiceBusProvider
 
 _names = itertools.count(1)
 

@@ -814,10 +814,10 @@ def map_error(
         return QueueNotFound(f"{where} failed: the queue does not exist in this namespace")
     if isinstance(exc, core.HttpResponseError) and getattr(exc, "status_code", None) in (401, 403):
         return AuthenticationFailed(text)
+    if isinstance(exc, TimeoutError):  # before OSError, its base class
+        return Timeout(f"{where} did not finish in time")
     if isinstance(exc, (core.ServiceRequestError, core.ServiceResponseError, OSError, ConnectionError)):
         return ConnectionFailed(text)
-    if isinstance(exc, TimeoutError):
-        return Timeout(f"{where} did not finish in time")
     if isinstance(exc, BridgeClosed):
         return ConnectionFailed(f"{where} failed: the provider is closing", transient=False)
     if isinstance(exc, sb.ServiceBusError):
