@@ -785,7 +785,7 @@ def test_missing_extra_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, provide
     real_import = importlib.import_module
 
     def failing_import(name: str, package: str | None = None) -> Any:
-        if name.startswith("queue_runtime.providers."):
+        if name.startswith(("queue_runtime.providers.", "aiobotocore", "azure")):
             raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
         return real_import(name, package)
 
@@ -817,8 +817,12 @@ def test_missing_sdk_through_the_real_adapter_module(
 
 
 def test_our_own_missing_module_is_not_blamed_on_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_import = importlib.import_module
+
     def failing_import(name: str, package: str | None = None) -> Any:
-        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        if name.startswith("queue_runtime."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real_import(name, package)  # the SDK itself is installed here
 
     monkeypatch.setattr(providers_module.importlib, "import_module", failing_import)
     with pytest.raises(ModuleNotFoundError):

@@ -15,6 +15,7 @@ import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Annotated, Any, ClassVar, Final, Literal
 
 import msgspec
@@ -316,35 +317,37 @@ _SYSTEMS: Final[dict[str, str]] = {"memory": "memory", "aws": "aws_sqs", "azure"
 # Environment variables, in priority order per key (the first one set and non-empty wins).
 # Names from the operations guide and the standard AWS/Azure SDK variables; the other
 # QUEUE_* names follow the same pattern, with the unit in the name.
-ENVIRONMENT: Final[dict[str, tuple[str, ...]]] = {
-    "provider": ("QUEUE_PROVIDER",),
-    "queue": ("QUEUE_NAME",),
-    "dlq_name": ("QUEUE_DLQ_NAME",),
-    "receive_timeout": ("QUEUE_RECEIVE_TIMEOUT_SECONDS",),
-    "visibility_timeout": ("QUEUE_VISIBILITY_TIMEOUT_SECONDS",),
-    "log_level": ("QUEUE_LOG_LEVEL",),
-    "log_format": ("QUEUE_LOG_FORMAT",),
-    "worker.max_concurrent_sessions": ("QUEUE_MAX_CONCURRENT_SESSIONS",),
-    "worker.per_session_concurrency": ("QUEUE_PER_SESSION_CONCURRENCY",),
-    "worker.session_idle_timeout": ("QUEUE_SESSION_IDLE_TIMEOUT_SECONDS",),
-    "worker.prefetch": ("QUEUE_PREFETCH",),
-    "worker.max_lock_renewal": ("QUEUE_MAX_LOCK_RENEWAL_SECONDS",),
-    "worker.max_delivery_count": ("QUEUE_MAX_DELIVERY_COUNT",),
-    "worker.shutdown_grace": ("QUEUE_SHUTDOWN_GRACE_SECONDS",),
-    "worker.retry.max_attempts": ("QUEUE_MAX_RETRY_ATTEMPTS",),
-    "worker.retry.initial_backoff": ("QUEUE_RETRY_BACKOFF_MS",),
-    "aws.region": ("AWS_REGION", "AWS_DEFAULT_REGION"),
-    "aws.endpoint_url": ("AWS_ENDPOINT_URL_SQS", "AWS_ENDPOINT_URL"),
-    "aws.access_key_id": ("AWS_ACCESS_KEY_ID",),
-    "aws.secret_access_key": ("AWS_SECRET_ACCESS_KEY",),
-    "aws.session_token": ("AWS_SESSION_TOKEN",),
-    "aws.profile": ("AWS_PROFILE",),
-    "azure.connection_string": ("AZURE_SERVICE_BUS_CONNECTION_STRING",),
-    "azure.fully_qualified_namespace": ("SERVICE_BUS_NAMESPACE", "AZURE_SERVICE_BUS_NAMESPACE"),
-    "azure.client_id": ("AZURE_CLIENT_ID",),
-    "azure.tenant_id": ("AZURE_TENANT_ID",),
-    "telemetry.metrics_port": ("QUEUE_METRICS_PORT",),
-}
+ENVIRONMENT: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+    {
+        "provider": ("QUEUE_PROVIDER",),
+        "queue": ("QUEUE_NAME",),
+        "dlq_name": ("QUEUE_DLQ_NAME",),
+        "receive_timeout": ("QUEUE_RECEIVE_TIMEOUT_SECONDS",),
+        "visibility_timeout": ("QUEUE_VISIBILITY_TIMEOUT_SECONDS",),
+        "log_level": ("QUEUE_LOG_LEVEL",),
+        "log_format": ("QUEUE_LOG_FORMAT",),
+        "worker.max_concurrent_sessions": ("QUEUE_MAX_CONCURRENT_SESSIONS",),
+        "worker.per_session_concurrency": ("QUEUE_PER_SESSION_CONCURRENCY",),
+        "worker.session_idle_timeout": ("QUEUE_SESSION_IDLE_TIMEOUT_SECONDS",),
+        "worker.prefetch": ("QUEUE_PREFETCH",),
+        "worker.max_lock_renewal": ("QUEUE_MAX_LOCK_RENEWAL_SECONDS",),
+        "worker.max_delivery_count": ("QUEUE_MAX_DELIVERY_COUNT",),
+        "worker.shutdown_grace": ("QUEUE_SHUTDOWN_GRACE_SECONDS",),
+        "worker.retry.max_attempts": ("QUEUE_MAX_RETRY_ATTEMPTS",),
+        "worker.retry.initial_backoff": ("QUEUE_RETRY_BACKOFF_MS",),
+        "aws.region": ("AWS_REGION", "AWS_DEFAULT_REGION"),
+        "aws.endpoint_url": ("AWS_ENDPOINT_URL_SQS", "AWS_ENDPOINT_URL"),
+        "aws.access_key_id": ("AWS_ACCESS_KEY_ID",),
+        "aws.secret_access_key": ("AWS_SECRET_ACCESS_KEY",),
+        "aws.session_token": ("AWS_SESSION_TOKEN",),
+        "aws.profile": ("AWS_PROFILE",),
+        "azure.connection_string": ("AZURE_SERVICE_BUS_CONNECTION_STRING",),
+        "azure.fully_qualified_namespace": ("SERVICE_BUS_NAMESPACE", "AZURE_SERVICE_BUS_NAMESPACE"),
+        "azure.client_id": ("AZURE_CLIENT_ID",),
+        "azure.tenant_id": ("AZURE_TENANT_ID",),
+        "telemetry.metrics_port": ("QUEUE_METRICS_PORT",),
+    }
+)
 CONFIG_FILE_ENV: Final = "QUEUE_CONFIG_FILE"
 _MILLISECONDS: Final = frozenset({"QUEUE_RETRY_BACKOFF_MS"})
 _DISCOVERED_FILES: Final = ("config.toml", "config.yaml", "config.yml")

@@ -28,10 +28,12 @@ if TYPE_CHECKING:
 
 __all__ = ["create_provider"]
 
-# provider name -> (module in this package, class name, pip extra)
-_CLOUD: dict[str, tuple[str, str, str]] = {
-    "aws": ("sqs", "SqsProvider", "aws"),
-    "azure": ("servicebus", "ServiceBusProvider", "azure"),
+# provider name -> (module in this package, class name, pip extra, the extra's SDK modules).
+# The SDK modules are imported up front because an adapter may import its SDK only when it
+# connects: a missing extra must be reported here, at start-up, not at the first call.
+_CLOUD: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
+    "aws": ("sqs", "SqsProvider", "aws", ("aiobotocore.session", "aiobotocore.httpxsession")),
+    "azure": ("servicebus", "ServiceBusProvider", "azure", ("azure.servicebus.aio",)),
 }
 
 
@@ -54,8 +56,10 @@ def create_provider(settings: Settings) -> Provider:
     if settings.provider not in _CLOUD:
         valid = ", ".join(repr(name) for name in ("memory", *_CLOUD))
         raise ConfigurationError(f"unknown provider {settings.provider!r}: use one of {valid}")
-    module_name, class_name, extra = _CLOUD[settings.provider]
+    module_name, class_name, extra, sdk_modules = _CLOUD[settings.provider]
     try:
+        for sdk_module in sdk_modules:
+            importlib.import_module(sdk_module)
         module = importlib.import_module(f"{__name__}.{module_name}")
     except ImportError as error:
         missing = error.name or ""  # the module that failed, e.g. "aiobotocore"
