@@ -114,6 +114,21 @@ def _answer(head: bytes, ready: Callable[[], bool], metrics: Callable[[], bytes]
     return _response(404, b"not found\n", head=head_only)
 
 
+async def _finish(stream: trio.SocketStream, answer: bytes, linger: float) -> None:
+    """Send ``answer``, shut our side down and read what the peer still sends (up to
+    ``linger`` seconds, at most 64 KiB) so closing with unread input does not reset the
+    connection before the peer read the answer."""
+    try:
+        await stream.send_all(answer)
+        await stream.send_eof()
+        with trio.move_on_after(linger):
+            drained = 0
+            while drained < 65536 and (chunk := await stream.receive_some(4096)):
+                drained += len(chunk)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the client went away: nothing more to do
+
+
 async def _handle(
     stream: trio.SocketStream,
     *,
@@ -125,28 +140,24 @@ async def _handle(
     try:
         slots.acquire_nowait()
     except trio.WouldBlock:
-        with trio.move_on_after(1.0):
-            try:
-                await stream.send_all(_response(503, b"busy\n"))
-            except trio.BrokenResourceError:
-                pass
+        # Over the limit: answer at once without reading the request, and linger only briefly.
+        with trio.move_on_after(min(timeout, 1.0)):
+            await _finish(stream, _response(503, b"busy\n"), 0.25)
         await trio.aclose_forcefully(stream)
         return
     try:
         with trio.move_on_after(timeout):
             try:
-                try:
-                    head = await _read_head(stream)
-                except _TooLarge:
-                    answer = _response(431, b"request too large\n")
-                else:
-                    if not head:
-                        return  # connected and closed without a request
-                    answer = _answer(head, ready, metrics)
-                await stream.send_all(answer)
-                await stream.send_eof()
+                head = await _read_head(stream)
+            except _TooLarge:
+                answer = _response(431, b"request too large\n")
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the client went away: nothing to answer
+                return
+            else:
+                if not head:
+                    return  # connected and closed without a request
+                answer = _answer(head, ready, metrics)
+            await _finish(stream, answer, 1.0)
     finally:
         slots.release()
         await trio.aclose_forcefully(stream)
@@ -172,10 +183,15 @@ async def serve_endpoints(
     Binding errors (port in use, bad host) raise ``OSError`` before ``started``."""
     slots = trio.Semaphore(max_connections)
     handler = partial(_handle, ready=ready, metrics=metrics, slots=slots, timeout=timeout)
-    async with trio.open_nursery() as nursery:
-        listeners: list[trio.SocketListener] = await nursery.start(
-            partial(trio.serve_tcp, handler, port, host=host)
-        )
-        actual = listeners[0].socket.getsockname()[1]
+    # Bind first (outside any nursery), so a bind error is a plain OSError before `started`.
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    try:
+        actual: int = listeners[0].socket.getsockname()[1]
         logger.info("serving /metrics /healthz /readyz on %s:%d", host, actual)
         task_status.started(actual)
+    except BaseException:
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)
+        raise
+    # serve_listeners owns one task per connection in its nursery and closes the listeners.
+    await trio.serve_listeners(handler, listeners)

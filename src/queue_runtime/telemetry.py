@@ -34,18 +34,22 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import sys
 import threading
 import time
+import traceback
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context
+from opentelemetry.environment_variables import OTEL_PYTHON_TRACER_PROVIDER
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from .errors import ConfigurationError, QueueError
@@ -326,11 +330,46 @@ def _get_instruments() -> _Instruments:
 
 _tracer = trace.get_tracer(INSTRUMENTATION_NAME)
 _NO_SDK_TYPES = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+# `trace.get_tracer_provider()` consults os.environ on every call while no provider is set
+# (~1 us). A provider, once set, is never replaced, so: read the API's module global when it
+# exists and no provider comes from the environment, and remember a positive answer.
+_PEEK_GLOBAL: Final = hasattr(trace, "_TRACER_PROVIDER") and OTEL_PYTHON_TRACER_PROVIDER not in os.environ
+_tracing_on = False
 
 
 def tracing_enabled() -> bool:
-    """False while no tracer provider is installed: span helpers then do nothing at all."""
-    return not isinstance(trace.get_tracer_provider(), _NO_SDK_TYPES)
+    """False while no tracer provider is installed: span helpers then do nothing at all.
+
+    Turns True as soon as an application installs one (checked on every call, cheaply)."""
+    global _tracing_on
+    if _tracing_on:
+        return True
+    if _PEEK_GLOBAL and trace._TRACER_PROVIDER is None:
+        return False
+    if isinstance(trace.get_tracer_provider(), _NO_SDK_TYPES):
+        return False
+    _tracing_on = True
+    return True
+
+
+class _Timer:
+    """Records the block's duration into a histogram (the no-SDK `process_span`)."""
+
+    __slots__ = ("_attrs", "_histogram", "_started")
+
+    def __init__(self, histogram: metrics.Histogram, attrs: dict[str, str]) -> None:
+        self._histogram = histogram
+        self._attrs = attrs
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._histogram.record(time.perf_counter() - self._started, self._attrs)
+
+
+_NULL: Final[AbstractContextManager[None]] = contextlib.nullcontext()
 
 
 def _producer_context(message: ReceivedMessage) -> Context | None:
@@ -575,34 +614,19 @@ class Telemetry:
             propagate.inject(carrier)
         return carrier
 
-    @contextlib.contextmanager
-    def send_span(self, messages: list[Message]) -> Iterator[None]:
+    # Each span helper returns a shared no-op context manager (or, for `process_span`, a tiny
+    # timer) when tracing is off, so the no-SDK cost is a flag check and an attribute lookup.
+    def send_span(self, messages: list[Message]) -> AbstractContextManager[None]:
         """PRODUCER span ``send {queue}`` around one send call (a batch is one span with
         ``messaging.batch.message_count``). An exception is recorded and re-raised."""
         if not tracing_enabled():
-            yield
-            return
-        with _tracer.start_as_current_span(
-            f"send {self.queue}",
-            kind=SpanKind.PRODUCER,
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            if span.is_recording():
-                span.set_attributes(self._span_attrs)
-                span.set_attributes(
-                    {"messaging.operation": "send", "messaging.operation.name": "send",
-                     "messaging.operation.type": "send"}
-                )  # fmt: skip
-                if len(messages) == 1:
-                    self._set_message_attrs(span, messages[0])
-                else:
-                    span.set_attribute("messaging.batch.message_count", len(messages))
-            with _record_errors(span):
-                yield
+            return _NULL
+        single = messages[0] if len(messages) == 1 else None
+        return self._span(
+            f"send {self.queue}", SpanKind.PRODUCER, "send", "send", single, batch=len(messages)
+        )
 
-    @contextlib.contextmanager
-    def process_span(self, message: ReceivedMessage, attempt: int) -> Iterator[None]:
+    def process_span(self, message: ReceivedMessage, attempt: int) -> AbstractContextManager[None]:
         """CONSUMER span ``process {queue}`` around one ``handle()`` call.
 
         Parent: the producer's context carried in the message properties (so the producer's
@@ -611,67 +635,78 @@ class Telemetry:
         ``messaging.message.delivery_count`` and ``queue_runtime.attempt``. An exception is
         recorded (redacted text) and the status set to ERROR, then re-raised. Also records
         ``queue_process_duration_seconds`` (always, SDK or not)."""
-        started = time.perf_counter()
-        try:
-            if not tracing_enabled():
-                yield
-                return
-            parent, links = _parent_and_links(message)
-            with _tracer.start_as_current_span(
-                f"process {self.queue}", context=parent, kind=SpanKind.CONSUMER, links=links,
-                record_exception=False, set_status_on_exception=False,
-            ) as span:  # fmt: skip
-                if span.is_recording():
-                    span.set_attributes(self._span_attrs)
-                    span.set_attributes(
-                        {"messaging.operation": "process", "messaging.operation.name": "process",
-                         "messaging.operation.type": "process", "queue_runtime.attempt": attempt}
-                    )  # fmt: skip
-                    self._set_message_attrs(span, message)
-                with _record_errors(span):
-                    yield
-        finally:
-            self._metrics.process_duration.record(time.perf_counter() - started, self._attrs)
+        timer = _Timer(self._metrics.process_duration, self._attrs)
+        if not tracing_enabled():
+            return timer
+        return self._timed_span(timer, message, attempt)
 
     @contextlib.contextmanager
-    def settle_span(self, operation: str, message: ReceivedMessage) -> Iterator[None]:
+    def _timed_span(self, timer: _Timer, message: ReceivedMessage, attempt: int) -> Iterator[None]:
+        with timer, self._span(f"process {self.queue}", SpanKind.CONSUMER, "process", "process", message,
+                               follow=True, attempt=attempt):  # fmt: skip
+            yield
+
+    def settle_span(self, operation: str, message: ReceivedMessage) -> AbstractContextManager[None]:
         """CLIENT span ``{operation} {queue}`` for ``complete`` / ``abandon`` / ``dead_letter``,
         parented like `process_span` (producer context, link to the current span)."""
         if not tracing_enabled():
-            yield
-            return
-        parent, links = _parent_and_links(message)
-        with _tracer.start_as_current_span(
-            f"{operation} {self.queue}", context=parent, kind=SpanKind.CLIENT, links=links,
-            record_exception=False, set_status_on_exception=False,
-        ) as span:  # fmt: skip
-            if span.is_recording():
-                span.set_attributes(self._span_attrs)
-                span.set_attributes(
-                    {"messaging.operation": operation, "messaging.operation.name": operation,
-                     "messaging.operation.type": "settle"}
-                )  # fmt: skip
-                self._set_message_attrs(span, message)
-            with _record_errors(span):
-                yield
+            return _NULL
+        return self._span(
+            f"{operation} {self.queue}", SpanKind.CLIENT, operation, "settle", message, follow=True
+        )
 
-    @contextlib.contextmanager
-    def session_span(self, session_id: str | None) -> Iterator[None]:
+    def session_span(self, session_id: str | None) -> AbstractContextManager[None]:
         """INTERNAL span ``session {queue}`` around an actor's life; the current span while
         the actor runs, so messages without producer context are its children (and the others
         link to it). ``session_ended`` adds the end reason."""
         if not tracing_enabled():
-            yield
-            return
+            return _NULL
+        return self._span(
+            f"session {self.queue}", SpanKind.INTERNAL, "session", None, None, session_id=session_id
+        )
+
+    @contextlib.contextmanager
+    def _span(
+        self,
+        name: str,
+        kind: SpanKind,
+        operation: str,
+        operation_type: str | None,
+        message: ReceivedMessage | Message | None,
+        *,
+        follow: bool = False,
+        batch: int = 0,
+        attempt: int | None = None,
+        session_id: str | None = None,
+    ) -> Iterator[None]:
+        parent, links = (
+            _parent_and_links(message) if follow and isinstance(message, ReceivedMessage) else (None, None)
+        )
         with _tracer.start_as_current_span(
-            f"session {self.queue}", kind=SpanKind.INTERNAL, record_exception=False,
+            name,
+            context=parent,
+            kind=kind,
+            links=links,
+            record_exception=False,
             set_status_on_exception=False,
-        ) as span:  # fmt: skip
+        ) as span:
             if span.is_recording():
                 span.set_attributes(self._span_attrs)
-                span.set_attributes({"messaging.operation": "session", "messaging.operation.name": "session"})
+                attrs: dict[str, str | int] = {
+                    "messaging.operation": operation,
+                    "messaging.operation.name": operation,
+                }
+                if operation_type is not None:
+                    attrs["messaging.operation.type"] = operation_type
+                if attempt is not None:
+                    attrs["queue_runtime.attempt"] = attempt
+                if batch > 1:
+                    attrs["messaging.batch.message_count"] = batch
                 if session_id is not None:
-                    span.set_attribute("messaging.conversation_id", session_id)
+                    attrs["messaging.conversation_id"] = session_id
+                span.set_attributes(attrs)
+                if message is not None:
+                    self._set_message_attrs(span, message)
             with _record_errors(span):
                 yield
 
@@ -737,7 +772,11 @@ def _record_errors(span: trace.Span) -> Iterator[None]:
         yield
     except Exception as exc:
         if span.is_recording():
-            span.record_exception(exc, attributes={"exception.message": _short(str(exc)) or ""})
+            # The stack trace repeats the text (and source lines may hold literals): redact both.
+            stack = redact("".join(traceback.format_exception(exc)))
+            span.record_exception(
+                exc, attributes={"exception.message": _short(str(exc)) or "", "exception.stacktrace": stack}
+            )
             span.set_attribute("error.type", error_type(exc))
             span.set_status(Status(StatusCode.ERROR, _short(f"{type(exc).__name__}: {exc}")))
         raise
