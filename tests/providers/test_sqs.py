@@ -1,0 +1,695 @@
+"""SqsProvider against a real SQS endpoint over HTTP (moto server), on the real clock.
+
+Queues use a 2 s visibility timeout so lock expiry and renewal are observable quickly; each
+test makes its own shallow queues (moto's FIFO calls slow down with queue depth).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import boto3
+import pytest
+import trio
+from botocore.exceptions import (
+    ClientError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from queue_runtime.errors import (
+    AuthenticationFailed,
+    ConfigurationError,
+    ConnectionFailed,
+    InvalidReceipt,
+    MessageTooLarge,
+    NotSupported,
+    QueueError,
+    QueueNotFound,
+    SessionLockLost,
+    Throttled,
+    Timeout,
+    ValidationError,
+)
+from queue_runtime.message import Message, ReceivedMessage
+from queue_runtime.providers import _sqs_codec as codec
+from queue_runtime.providers._sqs_errors import map_entry_failure, map_error
+from queue_runtime.providers.sqs import SqsProvider, SqsSessionReceiver
+from sqs_server import CREDENTIALS, REGION
+
+VISIBILITY = 2
+
+# --------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture
+async def provider(moto_sqs: str) -> AsyncIterator[SqsProvider]:
+    async with SqsProvider(endpoint_url=moto_sqs, region=REGION, visibility_timeout=None, **CREDENTIALS) as p:
+        yield p
+
+
+MakeQueue = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+def make_queue(provider: SqsProvider) -> MakeQueue:
+    async def make(*, fifo: bool = True, dlq: bool = True, content_dedup: bool = False) -> str:
+        suffix = ".fifo" if fifo else ""
+        base = f"t-{uuid.uuid4().hex[:12]}"
+        attrs: dict[str, str] = {"FifoQueue": "true"} if fifo else {}
+        queue_attrs = {**attrs, "VisibilityTimeout": str(VISIBILITY)}
+        if content_dedup:
+            queue_attrs["ContentBasedDeduplication"] = "true"
+        if dlq:
+            made = await provider._call(
+                "create_queue", None, QueueName=f"{base}-dlq{suffix}", Attributes=attrs
+            )
+            arn = (
+                await provider._call(
+                    "get_queue_attributes", None, QueueUrl=made["QueueUrl"], AttributeNames=["QueueArn"]
+                )
+            )["Attributes"]["QueueArn"]
+            queue_attrs["RedrivePolicy"] = json.dumps({"deadLetterTargetArn": arn, "maxReceiveCount": "5"})
+        await provider._call("create_queue", None, QueueName=f"{base}{suffix}", Attributes=queue_attrs)
+        return f"{base}{suffix}"
+
+    return make
+
+
+def group_messages(group: str, count: int) -> list[Message]:
+    return [
+        Message(body=f"{group}-{i}".encode(), session_id=group, message_id=f"{group}-{i}")
+        for i in range(count)
+    ]
+
+
+async def accept(provider: SqsProvider, queue: str, timeout: float = 5.0) -> SqsSessionReceiver:
+    receiver = await provider.accept_session(queue, timeout=timeout)
+    assert isinstance(receiver, SqsSessionReceiver)
+    return receiver
+
+
+async def receive_all(receiver: Any, count: int, timeout: float = 5.0) -> list[ReceivedMessage]:
+    out: list[ReceivedMessage] = []
+    with trio.move_on_after(timeout):
+        while len(out) < count:
+            out.extend(await receiver.receive(count - len(out), timeout=1.0))
+    return out
+
+
+async def depth(provider: SqsProvider, queue: str) -> int:
+    stats = await provider.queue_stats(queue)
+    return (stats.active or 0) + (stats.in_flight or 0)
+
+
+# --------------------------------------------------------------------------------------------
+# mapping and round trips
+
+
+async def test_round_trip_keeps_every_field(provider: SqsProvider, make_queue: MakeQueue) -> None:
+    queue = await make_queue()
+    sent = [
+        Message(
+            body=b"\x00\xffbinary",  # not text: goes as base64
+            session_id="g1",
+            correlation_id="corr-1",
+            content_type="application/octet-stream",
+            properties={"tenant": "acme", "empty": "", "traceparent": "00-abc-def-01"},
+        ),
+        Message(body=b"", session_id="g1"),  # SQS bodies are never empty
+        Message(body="héllo ✓".encode(), session_id="g1", time_to_live=60),
+    ]
+    await provider.send(queue, sent)
+    receiver = await accept(provider, queue)
+    got = await receive_all(receiver, 3)
+    assert [m.message.body for m in got] == [m.body for m in sent]
+    assert [m.message_id for m in got] == [m.message_id for m in sent]
+    first = got[0]
+    assert first.session_id == "g1"
+    assert first.message.correlation_id == "corr-1"
+    assert first.message.content_type == "application/octet-stream"
+    assert first.message.properties == {"tenant": "acme", "empty": "", "traceparent": "00-abc-def-01"}
+    assert first.delivery_count == 1
+    assert first.enqueued_at is not None and abs(first.enqueued_at - datetime.now(UTC)) < timedelta(minutes=1)
+    assert first.sequence_number is not None  # (moto's are random, not increasing as AWS's)
+    assert first.locked_until is not None and first.locked_until <= trio.current_time() + VISIBILITY
+    for message in got:
+        await receiver.complete(message)
+    await receiver.aclose()
+    assert await depth(provider, queue) == 0
+
+
+async def test_foreign_producer_plain_json_is_received(
+    provider: SqsProvider, make_queue: MakeQueue, moto_sqs: str
+) -> None:
+    queue = await make_queue()
+    client = boto3.client(
+        "sqs",
+        endpoint_url=moto_sqs,
+        region_name=REGION,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    url = client.get_queue_url(QueueName=queue)["QueueUrl"]
+    body = json.dumps({"order_id": "o-1", "kind": "created", "amount": 3})
+    sent = await trio.to_thread.run_sync(
+        lambda: client.send_message(
+            QueueUrl=url, MessageBody=body, MessageGroupId="order-o-1", MessageDeduplicationId="d-1"
+        )
+    )
+    receiver = await accept(provider, queue)
+    [message] = await receive_all(receiver, 1)
+    assert receiver.session_id == "order-o-1"
+    assert message.message.body == body.encode()
+    assert message.message_id == sent["MessageId"]
+    assert message.session_id == "order-o-1"
+    assert message.message.properties == {}
+    await receiver.complete(message)
+    await receiver.aclose()
+
+
+async def test_message_ids_deduplicate_unless_content_based(
+    provider: SqsProvider, make_queue: MakeQueue
+) -> None:
+    queue = await make_queue()
+    await provider.send(queue, [Message(body=b"a", session_id="g", message_id="same")])
+    await provider.send(queue, [Message(body=b"b", session_id="g", message_id="same")])  # a retry: dropped
+    receiver = await accept(provider, queue)
+    [got] = await receiver.receive(2, timeout=1.0)
+    assert got.message.body == b"a"
+    await receiver.complete(got)
+    assert await receiver.receive(2, timeout=1.0) == []
+    await receiver.aclose()
+
+
+async def test_sessions_are_demultiplexed_from_one_receive(
+    provider: SqsProvider, make_queue: MakeQueue
+) -> None:
+    queue = await make_queue()
+    await provider.send(queue, [*group_messages("a", 3), *group_messages("b", 2)])
+    first = await accept(provider, queue)
+    calls_after_first = provider.api_calls["ReceiveMessage"]
+    second = await accept(provider, queue)
+    # The second group came from the same ReceiveMessage call.
+    assert provider.api_calls["ReceiveMessage"] == calls_after_first
+    assert {first.session_id, second.session_id} == {"a", "b"}
+    for receiver, count in (
+        (first, 3 if first.session_id == "a" else 2),
+        (second, 5 - (3 if first.session_id == "a" else 2)),
+    ):
+        got = await receive_all(receiver, count)
+        assert [m.message_id for m in got] == [f"{receiver.session_id}-{i}" for i in range(count)]
+        for message in got:
+            await receiver.complete(message)
+        await receiver.aclose()
+    assert await provider.accept_session(queue, timeout=0) is None
+
+
+# --------------------------------------------------------------------------------------------
+# locks: renewal, loss
+
+
+async def test_renewal_keeps_a_slow_consumers_messages_invisible(
+    provider: SqsProvider, make_queue: MakeQueue, moto_sqs: str
+) -> None:
+    queue = await make_queue()
+    await provider.send(queue, group_messages("slow", 2))
+    receiver = await accept(provider, queue)
+    [m0] = await receiver.receive(1, timeout=2)
+    other = SqsProvider(endpoint_url=moto_sqs, region=REGION, visibility_timeout=None, **CREDENTIALS)
+    async with other:
+        for _ in range(3):  # 3 x 0.9 s = 2.7 s > the 2 s visibility timeout
+            await trio.sleep(0.9)
+            deadline = await receiver.renew_lock()
+            assert deadline > trio.current_time() + VISIBILITY - 0.5
+        # Both messages (handed out and buffered) are still invisible to anyone else.
+        assert await other.accept_session(queue, timeout=0) is None
+    await receiver.complete(m0)
+    [m1] = await receiver.receive(1, timeout=1)
+    assert m1.message_id == "slow-1" and m1.delivery_count == 1
+    await receiver.complete(m1)
+    await receiver.aclose()
+    assert await depth(provider, queue) == 0
+
+
+async def test_lost_visibility_is_detected_and_never_completed(
+    provider: SqsProvider, make_queue: MakeQueue
+) -> None:
+    queue = await make_queue()
+    await provider.send(queue, group_messages("late", 1))
+    receiver = await accept(provider, queue)
+    [message] = await receiver.receive(1, timeout=2)
+    await trio.sleep(VISIBILITY + 0.2)
+    deletes_before = provider.api_calls["DeleteMessageBatch"] + provider.api_calls["DeleteMessage"]
+    with pytest.raises(SessionLockLost):
+        await receiver.complete(message)
+    with pytest.raises(SessionLockLost):
+        await receiver.renew_lock()
+    await receiver.aclose()
+    assert provider.api_calls["DeleteMessageBatch"] + provider.api_calls["DeleteMessage"] == deletes_before
+    again = await accept(provider, queue)
+    [redelivered] = await receive_all(again, 1)
+    assert redelivered.message_id == message.message_id
+    assert redelivered.delivery_count == 2
+    await again.complete(redelivered)
+    await again.aclose()
+
+
+async def test_abandoning_k_releases_the_later_messages_of_the_group(
+    provider: SqsProvider, make_queue: MakeQueue
+) -> None:
+    queue = await make_queue()
+    await provider.send(queue, group_messages("g", 5))
+    receiver = await accept(provider, queue)
+    got = await receive_all(receiver, 5)
+    assert [m.message_id for m in got] == [f"g-{i}" for i in range(5)]
+    await receiver.complete(got[0])
+    await receiver.abandon(got[1])
+    await receiver.abandon(got[2])  # already released with g-1: a no-op
+    with pytest.raises(InvalidReceipt):
+        await receiver.complete(got[3])  # released: must not be deleted out of order
+    again = await receive_all(receiver, 4)
+    assert [m.message_id for m in again] == [f"g-{i}" for i in range(1, 5)]
+    assert [m.delivery_count for m in again] == [2, 2, 2, 2]
+    for message in again:
+        await receiver.complete(message)
+    await receiver.aclose()
+    assert await depth(provider, queue) == 0
+
+
+async def test_abandon_with_delay_keeps_the_group_waiting(
+    provider: SqsProvider, make_queue: MakeQueue
+) -> None:
+    queue = await make_queue()
+    await provider.send(queue, group_messages("d", 2))
+    receiver = await accept(provider, queue)
+    got = await receive_all(receiver, 2)
+    start = trio.current_time()
+    await receiver.abandon(got[0], delay=1.0)
+    again = await receive_all(receiver, 2, timeout=6)
+    assert [m.message_id for m in again] == ["d-0", "d-1"]
+    assert trio.current_time() - start >= 0.9  # nothing of the group before the delay ended
+    await receiver.aclose()
+
+
+# --------------------------------------------------------------------------------------------
+# completion batching
+
+
+async def test_completing_ten_messages_costs_at_most_two_delete_calls(
+    provider: SqsProvider, make_queue: MakeQueue
+) -> None:
+    queue = await make_queue()
+    await provider.send(queue, group_messages("batch", 10))
+    receiver = await accept(provider, queue)
+    client = await provider._get_client()
+    seen: list[str] = []
+
+    def hook(model: Any, **_: Any) -> None:
+        seen.append(model.name)
+
+    client.meta.events.register("before-call.sqs", hook)
+    got = await receive_all(receiver, 10)
+    for message in got:
+        await receiver.complete(message)
+    await receiver.aclose()
+    deletes = [name for name in seen if name.startswith("DeleteMessage")]
+    assert 1 <= len(deletes) <= 2
+    assert "DeleteMessage" not in deletes  # only batches
+    assert await depth(provider, queue) == 0
+
+
+async def test_pending_deletes_are_flushed_before_the_group_is_polled_again(
+    provider: SqsProvider, make_queue: MakeQueue
+) -> None:
+    queue = await make_queue()
+    await provider.send(queue, group_messages("p", 2))
+    receiver = await accept(provider, queue)
+    got = await receive_all(receiver, 2)
+    for message in got:
+        await receiver.complete(message)
+    assert provider.api_calls["DeleteMessageBatch"] == 0  # queued, not sent yet
+    await provider.send(queue, [Message(body=b"more", session_id="p", message_id="p-2")])
+    # SQS withholds a group while any of its messages is in flight: the flush must come first.
+    [more] = await receive_all(receiver, 1)
+    assert more.message_id == "p-2"
+    assert provider.api_calls["DeleteMessageBatch"] == 1
+    await receiver.complete(more)
+    await receiver.aclose()
+    assert await depth(provider, queue) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# dead letters
+
+
+async def test_dead_letter_sends_then_deletes_with_reason(
+    provider: SqsProvider, make_queue: MakeQueue
+) -> None:
+    queue = await make_queue()
+    await provider.send(
+        queue, [Message(body=b"x" * 250_000, session_id="dl", message_id="dl-0", properties={"p": "v"})]
+    )
+    receiver = await accept(provider, queue)
+    [message] = await receive_all(receiver, 1)
+    await receiver.dead_letter(message, "Poison", "d" * 20_000)  # too long to fit: truncated
+    with pytest.raises(InvalidReceipt):
+        await receiver.complete(message)
+    await receiver.aclose()
+    assert await depth(provider, queue) == 0
+    [dead] = await provider.peek_dead_letters(queue)
+    assert dead.message_id == "dl-0" and dead.session_id == "dl"
+    assert dead.message.body == b"x" * 250_000 and dead.message.properties == {"p": "v"}
+    assert dead.dead_letter_reason == "Poison"
+    assert dead.dead_letter_description is not None
+    assert dead.dead_letter_description.endswith("...") and len(dead.dead_letter_description) < 20_000
+    assert dead.dead_letter_source == queue
+    assert dead.receipt == ""
+    # Peeking leaves it in place.
+    assert len(await provider.peek_dead_letters(queue)) == 1
+
+
+async def test_dead_letter_send_failure_leaves_the_original(
+    provider: SqsProvider, make_queue: MakeQueue, moto_sqs: str
+) -> None:
+    queue = await make_queue()
+    await provider.send(queue, group_messages("keep", 1))
+    broken = SqsProvider(
+        endpoint_url=moto_sqs,
+        region=REGION,
+        visibility_timeout=None,
+        dead_letter_queue="no-such-dlq.fifo",
+        **CREDENTIALS,
+    )
+    async with broken:
+        receiver = await accept(broken, queue)
+        [message] = await receive_all(receiver, 1)
+        with pytest.raises(QueueNotFound):
+            await receiver.dead_letter(message, "Poison")
+        assert broken.api_calls["DeleteMessage"] == 0
+        await receiver.abandon(message)
+        await receiver.aclose()
+    again = await accept(provider, queue)
+    [original] = await receive_all(again, 1)
+    assert original.message_id == "keep-0"
+    await again.complete(original)
+    await again.aclose()
+
+
+async def test_no_dead_letter_queue_is_a_configuration_error(
+    provider: SqsProvider, make_queue: MakeQueue
+) -> None:
+    queue = await make_queue(dlq=False)
+    info = await provider.describe(queue)
+    assert info.dead_letter_queue is None
+    with pytest.raises(ConfigurationError, match="QUEUE_DLQ_NAME"):
+        await provider.peek_dead_letters(queue)
+
+
+async def test_describe_and_stats(provider: SqsProvider, make_queue: MakeQueue) -> None:
+    queue = await make_queue()
+    info = await provider.describe(queue)
+    assert info.requires_session is True
+    assert info.lock_duration == VISIBILITY
+    assert info.max_delivery_count == 5
+    assert info.dead_letter_queue == queue.replace(".fifo", "-dlq.fifo")
+    await provider.send(queue, group_messages("s", 2))
+    stats = await provider.queue_stats(queue)
+    assert (stats.active, stats.in_flight, stats.dead_letter) == (2, 0, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# batch partial failures
+
+
+async def test_partial_batch_failures_are_handled_per_entry(
+    provider: SqsProvider, make_queue: MakeQueue
+) -> None:
+    queue = await make_queue()
+    await provider.send(queue, group_messages("pf", 3))
+    receiver = await accept(provider, queue)
+    got = await receive_all(receiver, 3)
+    # Corrupt one receipt: SQS refuses that entry of the batch only.
+    bad = receiver._held[got[1].receipt]
+    bad.receipt = "not-a-receipt"
+    with pytest.raises(SessionLockLost):
+        await receiver.renew_lock()
+    # The other entries of the renewal batch were extended.
+    assert receiver._held[got[0].receipt].deadline > trio.current_time() + VISIBILITY - 0.5
+
+    state = provider._states[queue]
+    fresh = await make_queue()
+    await provider.send(fresh, group_messages("pf2", 3))
+    second = await accept(provider, fresh)
+    got2 = await receive_all(second, 3)
+    for message in got2:
+        await second.complete(message)
+    second._state.deletes[1].receipt = "not-a-receipt"
+    await provider._flush(second._state, force=True)
+    assert provider.delete_failures == 1
+    assert second._state.deletes == []
+    stats = await provider.queue_stats(fresh)
+    assert (stats.active or 0) + (stats.in_flight or 0) == 1  # only the refused one is left
+    assert state is not second._state
+    await second.aclose()
+    await receiver.aclose()
+
+
+# --------------------------------------------------------------------------------------------
+# standard queues, validation
+
+
+async def test_standard_queue_receiver(provider: SqsProvider, make_queue: MakeQueue) -> None:
+    queue = await make_queue(fifo=False)
+    with pytest.raises(NotSupported):
+        await provider.accept_session(queue, timeout=0)
+    later = datetime.now(UTC) + timedelta(seconds=1)
+    await provider.send(queue, [Message(body=b"now"), Message(body=b"later", scheduled_enqueue_time=later)])
+    async with await provider.open_receiver(queue) as receiver:
+        first = await receive_all(receiver, 1, timeout=3)
+        assert [m.message.body for m in first] == [b"now"]
+        deadline = await receiver.renew_message_lock(first[0])
+        assert deadline > trio.current_time() + VISIBILITY - 0.5
+        await receiver.complete(first[0])
+        second = await receive_all(receiver, 1, timeout=5)
+        assert [m.message.body for m in second] == [b"later"]
+        await receiver.dead_letter(second[0], "Bad", "why")
+    [dead] = await provider.peek_dead_letters(queue)
+    assert dead.message.body == b"later" and dead.dead_letter_reason == "Bad"
+
+
+async def test_validation_happens_before_any_io(provider: SqsProvider) -> None:
+    with pytest.raises(ValidationError, match="session id"):
+        await provider.send("orders.fifo", [Message(body=b"x")])
+    with pytest.raises(ValidationError, match="no per-message delay"):
+        await provider.send(
+            "orders.fifo",
+            [
+                Message(
+                    body=b"x", session_id="g", scheduled_enqueue_time=datetime.now(UTC) + timedelta(seconds=5)
+                )
+            ],
+        )
+    with pytest.raises(ValidationError, match="900"):
+        await provider.send(
+            "orders", [Message(body=b"x", scheduled_enqueue_time=datetime.now(UTC) + timedelta(hours=1))]
+        )
+    with pytest.raises(MessageTooLarge):
+        await provider.send("orders.fifo", [Message(body=b"x" * (256 * 1024), session_id="g")])
+    with pytest.raises(ValidationError, match="properties"):
+        await provider.send(
+            "orders.fifo", [Message(body=b"x", session_id="g", properties={f"p{i}": "v" for i in range(7)})]
+        )
+    with pytest.raises(ValidationError, match="reserved"):
+        await provider.send("orders.fifo", [Message(body=b"x", session_id="g", properties={"AWS.x": "v"})])
+    with pytest.raises(ValidationError, match="queue name"):
+        await provider.send("bad name!", [Message(body=b"x")])
+    with pytest.raises(ValidationError, match="session id"):
+        await provider.send("orders.fifo", [Message(body=b"x", session_id="has space")])
+    assert sum(provider.api_calls.values()) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+
+
+async def test_missing_queue_is_one_clear_line(provider: SqsProvider) -> None:
+    with pytest.raises(QueueNotFound) as caught:
+        await provider.describe("does-not-exist.fifo")
+    assert "does-not-exist.fifo" in str(caught.value) and "\n" not in str(caught.value)
+    assert caught.value.transient is False
+
+
+async def test_connection_refused_is_transient() -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port with nothing listening
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    async with SqsProvider(
+        endpoint_url=f"http://127.0.0.1:{port}", region=REGION, connect_timeout=1, **CREDENTIALS
+    ) as dead:
+        with pytest.raises(ConnectionFailed) as caught:
+            await dead.describe("orders.fifo")
+    assert caught.value.transient is True
+    assert "testing" not in str(caught.value)
+
+
+async def test_no_credentials_names_how_to_configure(
+    monkeypatch: pytest.MonkeyPatch, moto_sqs: str, tmp_path: Any
+) -> None:
+    for name in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never reach for an instance role
+    async with SqsProvider(endpoint_url=moto_sqs, region=REGION) as anonymous:
+        with pytest.raises(AuthenticationFailed) as caught:
+            await anonymous.describe("orders.fifo")
+    assert "AWS_ACCESS_KEY_ID" in str(caught.value)
+    assert caught.value.transient is False
+
+
+def client_error(
+    code: str, message: str = "boom", status: int = 400, query_code: str | None = None
+) -> ClientError:
+    error: dict[str, Any] = {"Code": code, "Message": message}
+    if query_code:
+        error["QueryErrorCode"] = query_code
+    return ClientError({"Error": error, "ResponseMetadata": {"HTTPStatusCode": status}}, "ReceiveMessage")
+
+
+@pytest.mark.parametrize(
+    ("code", "kind", "transient"),
+    [
+        ("AWS.SimpleQueueService.NonExistentQueue", QueueNotFound, False),
+        ("QueueDoesNotExist", QueueNotFound, False),
+        ("InvalidClientTokenId", AuthenticationFailed, False),
+        ("SignatureDoesNotMatch", AuthenticationFailed, False),
+        ("AccessDenied", AuthenticationFailed, False),
+        ("UnrecognizedClientException", AuthenticationFailed, False),
+        ("ThrottlingException", Throttled, True),
+        ("RequestThrottled", Throttled, True),
+        ("OverLimit", Throttled, True),
+        ("ReceiptHandleIsInvalid", InvalidReceipt, False),
+        ("InvalidParameterValue", ValidationError, False),
+    ],
+)
+def test_client_error_codes_are_mapped(code: str, kind: type[QueueError], transient: bool) -> None:
+    secret_text = "Credential=AKIAEXAMPLE/20260101 signature abcdef"
+    mapped = map_error(client_error(code, secret_text), operation="ReceiveMessage", queue="orders.fifo")
+    assert type(mapped) is kind
+    assert mapped.transient is transient
+    assert "\n" not in mapped.message and "orders.fifo" in mapped.message
+    if kind is AuthenticationFailed:
+        assert "AKIAEXAMPLE" not in mapped.message
+
+
+def test_json_protocol_query_code_is_used() -> None:
+    mapped = map_error(
+        client_error(
+            "com.amazonaws.sqs#QueueDoesNotExist", query_code="AWS.SimpleQueueService.NonExistentQueue"
+        ),
+        operation="GetQueueUrl",
+    )
+    assert isinstance(mapped, QueueNotFound)
+
+
+def test_transport_errors_are_mapped() -> None:
+    assert isinstance(map_error(NoCredentialsError(), operation="x"), AuthenticationFailed)
+    refused = map_error(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), operation="x")
+    assert isinstance(refused, ConnectionFailed) and refused.transient
+    slow = map_error(ReadTimeoutError(endpoint_url="http://127.0.0.1:1"), operation="x")
+    assert isinstance(slow, Timeout) and slow.transient
+    server = map_error(client_error("InternalError", status=500), operation="x")
+    assert server.transient
+    entry = map_entry_failure({"Id": "0", "Code": "ReceiptHandleIsInvalid", "SenderFault": True}, where="w")
+    assert isinstance(entry, InvalidReceipt)
+
+
+def test_secrets_never_in_repr() -> None:
+    provider = SqsProvider(region=REGION, access_key_id="AKIAEXAMPLE", secret_access_key="very-secret")
+    assert "very-secret" not in repr(provider) and "AKIAEXAMPLE" not in repr(provider)
+
+
+def test_from_settings() -> None:
+    from queue_runtime.config import AwsSettings, Secret, Settings
+
+    settings = Settings(
+        provider="aws",
+        queue="orders.fifo",
+        dlq_name="orders-dlq.fifo",
+        visibility_timeout=45,
+        aws=AwsSettings(
+            region="eu-west-1",
+            endpoint_url="http://127.0.0.1:4566",
+            access_key_id="AKIAEXAMPLE",
+            secret_access_key=Secret("very-secret"),
+        ),
+    )
+    provider = SqsProvider.from_settings(settings)
+    assert provider._region == "eu-west-1"
+    assert provider._endpoint_url == "http://127.0.0.1:4566"
+    assert provider._secret_access_key == "very-secret"
+    assert provider.visibility_timeout == 45
+    assert provider._dead_letter_queue == "orders-dlq.fifo"
+    assert provider.capabilities.system == "aws_sqs"
+    assert provider.capabilities.max_properties == 6
+
+
+# --------------------------------------------------------------------------------------------
+# codec invariants (no I/O)
+
+_names = st.from_regex(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,10}[A-Za-z0-9_-]", fullmatch=True).filter(
+    lambda n: ".." not in n and not n.lower().startswith(("aws.", "amazon.", "qr."))
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    body=st.binary(max_size=300) | st.text(max_size=100).map(str.encode),
+    properties=st.dictionaries(
+        _names,
+        st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x2FF), max_size=20),
+        max_size=6,
+    ),
+    session=st.none() | st.from_regex(r"[\x21-\x7e]{1,20}", fullmatch=True),
+)
+def test_codec_round_trip(body: bytes, properties: dict[str, str], session: str | None) -> None:
+    message = Message(body=body, session_id=session, properties=properties, correlation_id="c")
+    text, attributes = codec.encode(message)
+    assert text  # SQS needs a non-empty body
+    assert not codec._SQS_INVALID.search(text)
+    assert len(attributes) <= codec.MAX_ATTRIBUTES - 3  # room for the dead-letter attributes
+    assert codec.encoded_size(message) == len(text.encode()) + sum(
+        len(n.encode()) + len(b"String") + len(a["StringValue"].encode()) for n, a in attributes.items()
+    )
+    raw = {
+        "Body": text,
+        "MessageAttributes": attributes,
+        "MessageId": "m",
+        "ReceiptHandle": "r",
+        "Attributes": {},
+    }
+    received, _ = codec.decode(raw, locked_until=None)
+    assert received.message.body == body
+    assert received.message.properties == properties
+    assert received.session_id == session
+    assert received.message_id == message.message_id
