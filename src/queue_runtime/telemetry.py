@@ -491,23 +491,23 @@ class Telemetry:
             producer = _producer_context(message)
             if producer is not None:
                 links.append(Link(trace.get_current_span(producer).get_span_context()))
+        attrs: dict[str, str | int] = {
+            **self._span_attrs,
+            "messaging.operation": "receive",
+            "messaging.operation.name": "receive",
+            "messaging.operation.type": "receive",
+            "messaging.batch.message_count": len(messages),
+        }
+        if len(messages) == 1:
+            _message_attrs(attrs, messages[0])
         end = time.time_ns()
         span = _tracer.start_span(
-            f"receive {self.queue}", kind=SpanKind.CONSUMER, links=links,
+            f"receive {self.queue}",
+            kind=SpanKind.CONSUMER,
+            attributes=attrs,
+            links=links,
             start_time=end - int(seconds * 1e9),
-        )  # fmt: skip
-        if span.is_recording():
-            span.set_attributes(self._span_attrs)
-            span.set_attributes(
-                {
-                    "messaging.operation": "receive",
-                    "messaging.operation.name": "receive",
-                    "messaging.operation.type": "receive",
-                    "messaging.batch.message_count": len(messages),
-                }
-            )
-            if len(messages) == 1:
-                self._set_message_attrs(span, messages[0])
+        )
         span.end(end_time=end)
 
     def message_completed(self, message: ReceivedMessage, *, seconds: float) -> None:
@@ -682,48 +682,35 @@ class Telemetry:
         parent, links = (
             _parent_and_links(message) if follow and isinstance(message, ReceivedMessage) else (None, None)
         )
-        with _tracer.start_as_current_span(
-            name,
-            context=parent,
-            kind=kind,
-            links=links,
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            if span.is_recording():
-                span.set_attributes(self._span_attrs)
-                attrs: dict[str, str | int] = {
-                    "messaging.operation": operation,
-                    "messaging.operation.name": operation,
-                }
-                if operation_type is not None:
-                    attrs["messaging.operation.type"] = operation_type
-                if attempt is not None:
-                    attrs["queue_runtime.attempt"] = attempt
-                if batch > 1:
-                    attrs["messaging.batch.message_count"] = batch
-                if session_id is not None:
-                    attrs["messaging.conversation_id"] = session_id
-                span.set_attributes(attrs)
-                if message is not None:
-                    self._set_message_attrs(span, message)
-            with _record_errors(span):
-                yield
-
-    def _set_message_attrs(self, span: trace.Span, message: ReceivedMessage | Message) -> None:
-        received = message if isinstance(message, ReceivedMessage) else None
-        original = message.message if isinstance(message, ReceivedMessage) else message
+        # One dict, given at creation: samplers see it and the SDK validates it once.
         attrs: dict[str, str | int] = {
-            "messaging.message_id": original.message_id,
-            "messaging.message.id": original.message_id,
+            **self._span_attrs,
+            "messaging.operation": operation,
+            "messaging.operation.name": operation,
         }
-        if original.session_id is not None:
-            attrs["messaging.conversation_id"] = original.session_id
-        if original.correlation_id is not None:
-            attrs["messaging.message.conversation_id"] = original.correlation_id
-        if received is not None:
-            attrs["messaging.message.delivery_count"] = received.delivery_count
-        span.set_attributes(attrs)
+        if operation_type is not None:
+            attrs["messaging.operation.type"] = operation_type
+        if attempt is not None:
+            attrs["queue_runtime.attempt"] = attempt
+        if batch > 1:
+            attrs["messaging.batch.message_count"] = batch
+        if session_id is not None:
+            attrs["messaging.conversation_id"] = session_id
+        if message is not None:
+            _message_attrs(attrs, message)
+        with (
+            _tracer.start_as_current_span(
+                name,
+                context=parent,
+                kind=kind,
+                attributes=attrs,
+                links=links,
+                record_exception=False,
+                set_status_on_exception=False,
+            ) as span,
+            _record_errors(span),
+        ):
+            yield
 
     # -- logs ------------------------------------------------------------------------------
     def log(
@@ -762,6 +749,18 @@ class Telemetry:
         for key, value in fields.items():
             extra[f"x_{key}" if key in _RESERVED else key] = value
         logger.log(level, text, extra=extra)
+
+
+def _message_attrs(attrs: dict[str, str | int], message: ReceivedMessage | Message) -> None:
+    """Add the span attributes describing one message (ids, session, delivery count)."""
+    original = message.message if isinstance(message, ReceivedMessage) else message
+    attrs["messaging.message_id"] = attrs["messaging.message.id"] = original.message_id
+    if original.session_id is not None:
+        attrs["messaging.conversation_id"] = original.session_id
+    if original.correlation_id is not None:
+        attrs["messaging.message.conversation_id"] = original.correlation_id
+    if isinstance(message, ReceivedMessage):
+        attrs["messaging.message.delivery_count"] = message.delivery_count
 
 
 @contextlib.contextmanager
