@@ -101,7 +101,9 @@ class QueueClient:
             size = provider.message_size(traced)
             if size > limit:
                 raise MessageTooLarge(size, limit, what=f"message {message.message_id!r}")
-            prepared.append((traced, size))
+            # Sized with a trace context of the same shape as the one sent (inject is redone
+            # inside the send span, so the consumer's span is its child; the size is equal).
+            prepared.append((message, size))
         if not prepared:
             await trio.lowlevel.checkpoint()
             return
@@ -112,9 +114,13 @@ class QueueClient:
         started = trio.current_time()
         try:
             with telemetry.send_span(chunk):
-                await self.provider.send(queue, chunk)
+                traced = [
+                    msgspec.structs.replace(message, properties=telemetry.inject(message.properties))
+                    for message in chunk
+                ]
+                await self.provider.send(queue, traced)
         except QueueError as error:
-            telemetry.messages_sent(len(chunk), status="error", seconds=trio.current_time() - started)
+            telemetry.messages_sent(len(chunk), status="failure", seconds=trio.current_time() - started)
             telemetry.error(error, operation="send")
             raise
         telemetry.messages_sent(len(chunk), status="success", seconds=trio.current_time() - started)
