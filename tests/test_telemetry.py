@@ -673,6 +673,9 @@ def test_json_and_text_formatters(queue: str) -> None:
             "RuntimeError" in second["exception"]
             and f"SharedAccessKey={SECRET_CANARY}" not in second["exception"]
         )
+        extra = {"queue_name": queue, "detail": f"pwd={SECRET_CANARY}"}
+        logging.getLogger("queue_runtime").warning("x", extra=extra)
+        assert json.loads(stream.getvalue().splitlines()[-1])["detail"] == "pwd=***"
 
         text_stream = io.StringIO()
         configure_logging("info", "text", stream=text_stream)
@@ -782,6 +785,30 @@ def test_without_sdk_everything_is_a_cheap_no_op() -> None:
             "inject": bench(lambda: t.inject({})),
             "sdk_imported": any(name.startswith("opentelemetry.sdk") for name in sys.modules),
         }
+        # An SDK installed later (after our instruments exist) sees everything from then on.
+        from opentelemetry import metrics, trace
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        reader, exporter = InMemoryMetricReader(), InMemorySpanExporter()
+        metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        trace.set_tracer_provider(provider)
+        assert tracing_enabled()
+        t.message_completed(m, seconds=0.001)
+        with t.process_span(m, 1):
+            pass
+        completed = [
+            point.value
+            for rm in reader.get_metrics_data().resource_metrics for sm in rm.scope_metrics
+            for metric in sm.metrics if metric.name == "queue_messages_completed"
+            for point in metric.data.data_points
+        ]
+        assert completed == [1], completed
+        assert [span.name for span in exporter.get_finished_spans()] == ["process orders"]
         print(json.dumps(result))
         """
     )

@@ -903,8 +903,10 @@ LOG_FIELDS: Final = (
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    """The record's extra attributes; string values redacted (defence in depth: callers of
+    ``logger.log(..., extra=...)`` may pass error texts)."""
     return {
-        key: value
+        key: redact(value) if isinstance(value, str) else value
         for key, value in record.__dict__.items()
         if key not in _RESERVED and not key.startswith("_")
     }
