@@ -129,7 +129,7 @@ def _new_message_id() -> str:
     return str(uuid.uuid4())
 
 
-class Message(msgspec.Struct, kw_only=True, omit_defaults=True):
+class Message(msgspec.Struct, omit_defaults=True):
     """A message to send.
 
     ``body`` is opaque bytes (a ``str`` is encoded as UTF-8). ``session_id`` routes it to a

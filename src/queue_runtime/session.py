@@ -1,0 +1,682 @@
+"""One actor's life: mailbox, ordered handler loop, lock renewal, retries and settlement.
+
+This module is written once for every provider. A `Session` holds one `Receiver` (a
+session, or a whole non-session queue) and one actor instance, and guarantees:
+
+* **Order.** With ``per_session_concurrency=1``, ``handle()`` for message k+1 starts only
+  after message k was settled (completed or dead-lettered). Prefetched messages wait in a
+  bounded mailbox in broker order.
+* **At-least-once.** A message is completed only after ``handle()`` returned. Anything not
+  settled when the session ends is abandoned (handed back at once), or — when the lock was
+  lost or the supervisor was cancelled — simply left to the broker.
+* **In-place retry.** A failing ``handle()`` is called again by the same actor instance after
+  the policy's backoff, while the lock keeps being renewed; after ``max_attempts`` calls the
+  message is dead-lettered with ``MaxAttemptsExceeded``.
+* **Lock loss.** When renewal is refused or the lock expires, the running ``handle()`` is
+  cancelled, nothing is settled and the actor stops with ``"lock_lost"``.
+
+Locks are renewed by one `LockRenewer` task per supervisor rather than a task per session:
+a parked trio task costs about 4.5 KiB, and 100k idle sessions should not pay that twice.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
+
+from .actor import DeadLetter, MessageContext, SessionActor, SessionHandle, StopReason
+from .codec import DecodeError
+from .config import SupervisorConfig
+from .errors import InvalidReceipt, MessageLockLost, QueueError, SessionLockLost, Timeout
+from .message import ReceivedMessage
+from .providers.base import Receiver
+from .retry import Backoff, CircuitBreaker, call_with_retry
+from .telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from .supervisor import Counters
+
+__all__ = ["LockRenewer", "Runtime", "Session"]
+
+#: Most bytes of exception text kept in a dead-letter description (DESIGN: at most 1 KiB).
+MAX_DESCRIPTION_BYTES = 1024
+#: How long clean-up (abandon, on_stop, release) may take once a session is ending.
+CLEANUP_TIMEOUT = 10.0
+#: Renew when this fraction of the remaining lock time has passed: leaves half the lock
+#: for retrying a transient renewal failure before the lock is really gone.
+RENEW_AT_FRACTION = 0.5
+
+_LOCK_ERRORS = (SessionLockLost, MessageLockLost, InvalidReceipt)
+
+
+def describe_exception(error: BaseException) -> str:
+    """``"TypeName: text"`` cut to `MAX_DESCRIPTION_BYTES` of UTF-8."""
+    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    data = text.encode("utf-8")
+    if len(data) <= MAX_DESCRIPTION_BYTES:
+        return text
+    return data[: MAX_DESCRIPTION_BYTES - 3].decode("utf-8", "ignore") + "..."
+
+
+class _LockLost(Exception):
+    """Internal: the session's lock is gone; unwind without settling anything."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class _SessionFailed(Exception):
+    """Internal: a provider call failed for good; end the session with ``"error"``."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class LockHolder(Protocol):
+    """Something whose lock the renewer keeps alive."""
+
+    renew_generation: int
+
+    @property
+    def locked_until(self) -> float | None: ...
+
+    @property
+    def busy_since(self) -> float | None: ...
+
+    async def renew(self) -> float: ...
+
+    def lock_lost(self, error: BaseException) -> None: ...
+
+
+class LockRenewer:
+    """Renews every lock of one supervisor from a single task.
+
+    A holder is renewed when half its remaining lock time has passed; a transient failure is
+    retried with backoff while the lock is still valid. A holder whose current ``handle()`` has
+    run for ``max_lock_renewal`` seconds is no longer renewed, and when its lock then expires it
+    is told the lock is lost. Renewal calls run concurrently, at most ``concurrency`` at once.
+    """
+
+    def __init__(self, *, max_lock_renewal: float, counters: Counters, concurrency: int = 32) -> None:
+        self._max_lock_renewal = max_lock_renewal
+        self._counters = counters
+        self._heap: list[tuple[float, int, LockHolder, int, float | None]] = []
+        self._sequence = itertools.count()
+        self._wake = trio.Event()
+        self._next_wake = math.inf
+        self._limiter = trio.CapacityLimiter(concurrency)
+
+    def track(self, holder: LockHolder) -> None:
+        """(Re)schedule ``holder``'s renewal from its current ``locked_until``."""
+        holder.renew_generation += 1
+        locked_until = holder.locked_until
+        if locked_until is None:
+            return
+        now = trio.current_time()
+        due = now + max(locked_until - now, 0.0) * RENEW_AT_FRACTION
+        self._push(due, holder, None)
+
+    def untrack(self, holder: LockHolder) -> None:
+        """Stop renewing ``holder`` (its heap entries become stale and are skipped)."""
+        holder.renew_generation += 1
+
+    def _push(self, due: float, holder: LockHolder, expiry_of: float | None) -> None:
+        heapq.heappush(self._heap, (due, next(self._sequence), holder, holder.renew_generation, expiry_of))
+        if due < self._next_wake:
+            self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled."""
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                now = trio.current_time()
+                heap = self._heap
+                while heap and heap[0][0] <= now:
+                    _, _, holder, generation, expiry_of = heapq.heappop(heap)
+                    if holder.renew_generation != generation:
+                        continue
+                    if expiry_of is not None:
+                        # Renewal stopped at max_lock_renewal: lost if still on that message.
+                        if holder.busy_since == expiry_of:
+                            holder.lock_lost(Timeout("the lock expired: handle() ran past max_lock_renewal"))
+                        else:
+                            self.track(holder)
+                        continue
+                    nursery.start_soon(self._renew, holder, generation)
+                self._next_wake = heap[0][0] if heap else math.inf
+                self._wake = trio.Event()
+                with trio.move_on_at(self._next_wake):
+                    await self._wake.wait()
+
+    async def _renew(self, holder: LockHolder, generation: int) -> None:
+        async with self._limiter:
+            if holder.renew_generation != generation:
+                return
+            locked_until = holder.locked_until
+            if locked_until is None:
+                return
+            busy_since = holder.busy_since
+            if busy_since is not None and trio.current_time() - busy_since >= self._max_lock_renewal:
+                self._push(locked_until, holder, busy_since)
+                return
+            try:
+                await call_with_retry(holder.renew, attempts=1000, deadline=locked_until)
+            except QueueError as error:
+                if holder.renew_generation == generation:
+                    holder.lock_lost(error)
+                return
+            if holder.renew_generation == generation:
+                self._counters.lock_renewals += 1
+                self.track(holder)
+
+
+class Runtime:
+    """What every session of one supervisor shares."""
+
+    def __init__(
+        self,
+        *,
+        actor_class: type[SessionActor[Any]],
+        config: SupervisorConfig,
+        telemetry: Telemetry,
+        counters: Counters,
+        renewer: LockRenewer,
+        breaker: CircuitBreaker,
+    ) -> None:
+        self.actor_class = actor_class
+        self.decode = actor_class.__decoder__
+        self.config = config
+        self.telemetry = telemetry
+        self.counters = counters
+        self.renewer = renewer
+        self.breaker = breaker
+        self.stopping = False
+        self.grace_deadline = math.inf
+        self.sessions: set[Session] = set()
+
+    def request_stop(self, grace: float) -> None:
+        """Begin the drain: no new ``handle()``; running ones get ``grace`` seconds."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.grace_deadline = trio.current_time() + grace
+        for session in list(self.sessions):
+            session.stop()
+
+
+class _MessageLock:
+    """A renewal target for one message of a non-session queue (each has its own lock)."""
+
+    __slots__ = ("busy_since", "message", "receiver", "renew_generation", "scope", "session")
+
+    def __init__(self, session: Session, message: ReceivedMessage) -> None:
+        self.session = session
+        self.receiver = session.receiver
+        self.message = message
+        self.renew_generation = 0
+        self.busy_since: float | None = None
+        self.scope: trio.CancelScope | None = None
+
+    @property
+    def locked_until(self) -> float | None:
+        return self.message.locked_until
+
+    async def renew(self) -> float:
+        deadline = await self.receiver.renew_message_lock(self.message)
+        self.message.locked_until = deadline
+        return deadline
+
+    def lock_lost(self, error: BaseException) -> None:
+        self.session.message_lock_lost(self, error)
+
+
+class Session:
+    """Runs one actor over one receiver; see the module docstring for the guarantees."""
+
+    def __init__(self, runtime: Runtime, receiver: Receiver) -> None:
+        self.runtime = runtime
+        self.receiver = receiver
+        self.session_id = receiver.session_id
+        self.renew_generation = 0
+        self.busy_since: float | None = None
+        self._mailbox: deque[ReceivedMessage] = deque()
+        self._lock_scope = trio.CancelScope()
+        self._wait_scopes: set[trio.CancelScope] = set()
+        self._work_scopes: set[trio.CancelScope] = set()
+        self._lost: BaseException | None = None
+        self._message_locks: dict[str, _MessageLock] = {}
+        self._in_progress: dict[str, ReceivedMessage] = {}
+        self.stop_reason: StopReason | None = None
+
+    # -- signals from outside ----------------------------------------------------------------
+    @property
+    def locked_until(self) -> float | None:
+        return self.receiver.locked_until
+
+    async def renew(self) -> float:
+        return await self.receiver.renew_lock()
+
+    def lock_lost(self, error: BaseException) -> None:
+        """The session lock is gone: cancel everything, settle nothing."""
+        if self._lost is None:
+            self._lost = error
+        self._lock_scope.cancel()
+
+    def message_lock_lost(self, lock: _MessageLock, error: BaseException) -> None:
+        """One message's lock is gone (non-session queues): cancel its ``handle()`` only."""
+        self.runtime.telemetry.error(error, operation="renew_lock")
+        self._message_locks.pop(lock.message.receipt, None)
+        if lock.scope is not None:
+            lock.scope.cancel()
+
+    def stop(self) -> None:
+        """Graceful stop: stop waiting (for messages or a retry backoff) and let running
+        ``handle()`` calls finish until the grace deadline."""
+        for scope in self._wait_scopes:
+            scope.cancel()
+        for scope in self._work_scopes:
+            scope.deadline = self.runtime.grace_deadline
+
+    # -- the life ----------------------------------------------------------------------------
+    async def run(self) -> StopReason:
+        """Run the actor until idle, stopped, lock lost or failed; returns the stop reason.
+
+        Cancellation (the supervisor itself cancelled) settles nothing: the receiver is
+        closed, which hands the session back to the broker.
+        """
+        rt = self.runtime
+        telemetry = rt.telemetry
+        started = trio.current_time()
+        rt.sessions.add(self)
+        rt.counters.sessions_started += 1
+        telemetry.session_accepted(self.session_id)
+        actor: SessionActor[Any] | None = None
+        reason: StopReason = "error"
+        try:
+            with self._lock_scope:
+                rt.renewer.track(self)
+                try:
+                    actor = rt.actor_class()
+                    if self.session_id is not None:
+                        actor.session_id = self.session_id
+                        actor.session = SessionHandle(
+                            self.session_id, self.receiver.get_state, self.receiver.set_state
+                        )
+                    with telemetry.session_span(self.session_id):
+                        await actor.on_start()
+                        reason = await self._loop(actor)
+                except _LockLost as lost:
+                    self.lock_lost(lost.cause)
+                except _SessionFailed as failed:
+                    telemetry.error(failed.cause, operation="settle")
+                    reason = "error"
+                except Exception as error:
+                    telemetry.log(
+                        40,
+                        f"actor failed outside handle(): {describe_exception(error)}",
+                        operation="process",
+                        session_id=self.session_id,
+                    )
+                    reason = "error"
+            if self._lost is not None:
+                reason = "lock_lost"
+                rt.counters.lock_lost += 1
+                telemetry.error(self._lost, operation="renew_lock")
+        finally:
+            rt.renewer.untrack(self)
+            rt.sessions.discard(self)
+            cancelled = await _being_cancelled()
+            if cancelled:
+                reason = "shutdown"
+            self.stop_reason = reason
+            with trio.CancelScope(shield=True) as cleanup:
+                cleanup.deadline = trio.current_time() + CLEANUP_TIMEOUT
+                if self._lost is None and not cancelled:
+                    await self._hand_back()
+                if actor is not None:
+                    with trio.move_on_after(1.0 if cancelled else CLEANUP_TIMEOUT):
+                        try:
+                            await actor.on_stop(reason)
+                        except Exception as error:
+                            telemetry.log(
+                                40,
+                                f"on_stop failed: {describe_exception(error)}",
+                                operation="process",
+                                session_id=self.session_id,
+                            )
+                try:
+                    await self.receiver.aclose()
+                except QueueError as error:
+                    telemetry.error(error, operation="release")
+            telemetry.session_ended(self.session_id, seconds=trio.current_time() - started, reason=reason)
+        return reason
+
+    async def _loop(self, actor: SessionActor[Any]) -> StopReason:
+        concurrency = self._concurrency()
+        if concurrency == 1:
+            return await self._ordered_loop(actor)
+        return await self._concurrent_loop(actor, concurrency)
+
+    def _concurrency(self) -> int:
+        config = self.runtime.config
+        if self.session_id is None:
+            # A non-session queue has no order to keep: each message is independent.
+            return max(config.per_session_concurrency, config.max_concurrent_sessions)
+        return config.per_session_concurrency
+
+    async def _ordered_loop(self, actor: SessionActor[Any]) -> StopReason:
+        rt = self.runtime
+        idle = rt.config.session_idle_timeout
+        mailbox = self._mailbox
+        idle_deadline = trio.current_time() + idle
+        while True:
+            if rt.stopping:
+                return "shutdown"
+            if not mailbox:
+                received = await self._receive(idle_deadline, 1 + rt.config.prefetch)
+                if received is None:
+                    return "shutdown"
+                if not received:
+                    if trio.current_time() >= idle_deadline:
+                        return "idle"
+                    continue
+            message = mailbox.popleft()
+            if not await self._process(actor, message):
+                return "shutdown"
+            idle_deadline = trio.current_time() + idle
+
+    async def _concurrent_loop(self, actor: SessionActor[Any], concurrency: int) -> StopReason:
+        rt = self.runtime
+        idle = rt.config.session_idle_timeout
+        non_session = self.session_id is None
+        mailbox = self._mailbox
+        send, receive = trio.open_memory_channel[ReceivedMessage](0)
+        busy = 0
+        interrupted = False
+
+        async def worker(channel: trio.MemoryReceiveChannel[ReceivedMessage]) -> None:
+            nonlocal busy, interrupted
+            async with channel:
+                async for message in channel:
+                    busy += 1
+                    try:
+                        if not await self._process(actor, message):
+                            interrupted = True
+                    finally:
+                        busy -= 1
+
+        reason: StopReason
+        async with trio.open_nursery() as nursery:
+            async with receive:
+                for _ in range(concurrency):
+                    nursery.start_soon(worker, receive.clone())
+            async with send:
+                idle_deadline = trio.current_time() + idle
+                while True:
+                    if rt.stopping or interrupted:
+                        reason = "shutdown"
+                        break
+                    if not mailbox:
+                        wait_until = math.inf if non_session else idle_deadline
+                        received = await self._receive(wait_until, concurrency + rt.config.prefetch)
+                        if received is None:
+                            reason = "shutdown"
+                            break
+                        if not received:
+                            if busy:
+                                idle_deadline = trio.current_time() + idle
+                            elif trio.current_time() >= idle_deadline:
+                                reason = "idle"
+                                break
+                            continue
+                    message = mailbox[0]
+                    with trio.CancelScope() as handoff:
+                        self._wait_scopes.add(handoff)
+                        try:
+                            await send.send(message)
+                        finally:
+                            self._wait_scopes.discard(handoff)
+                    if handoff.cancelled_caught:
+                        reason = "shutdown"
+                        break
+                    mailbox.popleft()
+                    idle_deadline = trio.current_time() + idle
+        return reason
+
+    async def _receive(self, idle_deadline: float, max_messages: int) -> list[ReceivedMessage] | None:
+        """Fill the mailbox; ``[]`` on timeout, None when interrupted by a stop request."""
+        rt = self.runtime
+        backoff = Backoff(initial=0.2, maximum=5.0)
+        while True:
+            timeout = idle_deadline - trio.current_time()
+            if timeout <= 0 and idle_deadline != math.inf:
+                return []
+            timeout = min(timeout, rt.config.receive_timeout) if timeout > 0 else rt.config.receive_timeout
+            with trio.CancelScope() as scope:
+                self._wait_scopes.add(scope)
+                if rt.stopping:
+                    scope.cancel()
+                started = trio.current_time()
+                try:
+                    received = await self.receiver.receive(max_messages, timeout)
+                except _LOCK_ERRORS as error:
+                    raise _LockLost(error) from None
+                except QueueError as error:
+                    rt.telemetry.error(error, operation="receive")
+                    if not error.transient:
+                        raise _SessionFailed(error) from None
+                    await trio.sleep(backoff.next_delay())
+                    continue
+                finally:
+                    self._wait_scopes.discard(scope)
+            if scope.cancelled_caught:
+                return None
+            if received:
+                rt.telemetry.messages_received(received, seconds=trio.current_time() - started)
+                rt.counters.received += len(received)
+                self._mailbox.extend(received)
+                if self.session_id is None:
+                    for message in received:
+                        lock = _MessageLock(self, message)
+                        self._message_locks[message.receipt] = lock
+                        rt.renewer.track(lock)
+                else:
+                    rt.renewer.track(self)
+            return received
+
+    # -- one message -------------------------------------------------------------------------
+    async def _process(self, actor: SessionActor[Any], message: ReceivedMessage) -> bool:
+        """Handle one message to settlement. False when a stop interrupted it (handed back)."""
+        rt = self.runtime
+        config = rt.config
+        telemetry = rt.telemetry
+        lock = self._message_locks.get(message.receipt) if self.session_id is None else None
+        self._in_progress[message.receipt] = message
+        try:
+            limit = config.max_delivery_count
+            if limit is not None and message.delivery_count > limit:
+                await self._dead_letter(
+                    message,
+                    "MaxDeliveryCountExceeded",
+                    f"delivered {message.delivery_count} times; max_delivery_count is {limit}",
+                )
+                return True
+            inner = message.message
+            try:
+                body = rt.decode(inner.body, inner.content_type)
+            except DecodeError as error:
+                await self._dead_letter(message, "DeserializationFailed", describe_exception(error))
+                return True
+            attempt = 1
+            while True:
+                context = MessageContext(
+                    message_id=inner.message_id,
+                    session_id=inner.session_id,
+                    correlation_id=inner.correlation_id,
+                    delivery_count=message.delivery_count,
+                    enqueued_at=message.enqueued_at,
+                    properties=inner.properties,
+                    content_type=inner.content_type,
+                    attempt=attempt,
+                    dead_letter=_bind_dead_letter(self, message),
+                    renew_lock=self._renew_now,
+                )
+                now = trio.current_time()
+                self.busy_since = now
+                if lock is not None:
+                    lock.busy_since = now
+                failure: Exception | None = None
+                with trio.CancelScope(deadline=rt.grace_deadline) as work:
+                    self._work_scopes.add(work)
+                    if lock is not None:
+                        lock.scope = work
+                    try:
+                        with telemetry.process_span(message, attempt):
+                            await actor.handle(body, context)
+                    except DeadLetter as dead:
+                        if not context.settled:
+                            await self._dead_letter(message, dead.reason, dead.description)
+                        return True
+                    except (_LockLost, _SessionFailed):
+                        raise
+                    except Exception as error:
+                        failure = error
+                    finally:
+                        self._work_scopes.discard(work)
+                        self.busy_since = None
+                        if lock is not None:
+                            lock.busy_since = None
+                            lock.scope = None
+                if work.cancelled_caught:
+                    if lock is not None and message.receipt not in self._message_locks:
+                        return True  # its lock was lost: leave it to the broker
+                    await self._abandon(message)  # the grace period ended: hand it back
+                    return False
+                if failure is None:
+                    if not context.settled:
+                        await self._complete(message)
+                    return True
+                if context.settled:
+                    telemetry.log(
+                        30,
+                        f"handle() raised after dead-lettering: {describe_exception(failure)}",
+                        operation="process",
+                        message=message,
+                    )
+                    return True
+                rt.counters.failed_attempts += 1
+                if attempt >= config.retry.max_attempts:
+                    await self._dead_letter(message, "MaxAttemptsExceeded", describe_exception(failure))
+                    return True
+                attempt += 1
+                rt.counters.retries += 1
+                telemetry.retry_attempt(message, attempt, failure)
+                if not await self._backoff(config.retry.delay(attempt - 1)):
+                    await self._abandon(message)
+                    return False
+        finally:
+            self._in_progress.pop(message.receipt, None)
+            if lock is not None:
+                rt.renewer.untrack(lock)
+                self._message_locks.pop(message.receipt, None)
+
+    async def _backoff(self, delay: float) -> bool:
+        """Sleep before a retry; False when a stop request interrupted the wait."""
+        if self.runtime.stopping:
+            return False
+        with trio.CancelScope() as scope:
+            self._wait_scopes.add(scope)
+            try:
+                await trio.sleep(delay)
+            finally:
+                self._wait_scopes.discard(scope)
+        return not scope.cancelled_caught and not self.runtime.stopping
+
+    async def _renew_now(self) -> None:
+        try:
+            if self.session_id is None:
+                for lock in list(self._message_locks.values()):
+                    if lock.busy_since is not None:
+                        await lock.renew()
+                return
+            await self.receiver.renew_lock()
+        except _LOCK_ERRORS as error:
+            self.lock_lost(error)
+            await trio.lowlevel.checkpoint()
+            raise
+        self.runtime.counters.lock_renewals += 1
+        self.runtime.renewer.track(self)
+
+    # -- settlement --------------------------------------------------------------------------
+    async def _settle(
+        self, operation: str, call: Callable[[], Awaitable[None]], message: ReceivedMessage
+    ) -> None:
+        deadline = self.receiver.locked_until or message.locked_until
+        try:
+            with self.runtime.telemetry.settle_span(operation, message):
+                await call_with_retry(call, attempts=6, deadline=deadline)
+        except _LOCK_ERRORS as error:
+            if self.session_id is None:
+                # Only this message's lock is gone; it will be redelivered.
+                self.runtime.telemetry.error(error, operation=operation)
+                return
+            raise _LockLost(error) from None
+        except QueueError as error:
+            raise _SessionFailed(error) from None
+
+    async def _complete(self, message: ReceivedMessage) -> None:
+        started = trio.current_time()
+        await self._settle("complete", lambda: self.receiver.complete(message), message)
+        self.runtime.counters.completed += 1
+        self.runtime.telemetry.message_completed(message, seconds=trio.current_time() - started)
+
+    async def _dead_letter(self, message: ReceivedMessage, reason: str, description: str | None) -> None:
+        await self._settle(
+            "dead_letter", lambda: self.receiver.dead_letter(message, reason, description), message
+        )
+        self.runtime.counters.dead_lettered += 1
+        self.runtime.telemetry.message_dead_lettered(message, reason, description)
+
+    async def _abandon(self, message: ReceivedMessage) -> None:
+        await self._settle("abandon", lambda: self.receiver.abandon(message), message)
+        self.runtime.counters.abandoned += 1
+        self.runtime.telemetry.message_abandoned(message)
+
+    async def _hand_back(self) -> None:
+        """Abandon every message received but not settled, in order. Errors are logged:
+        anything not handed back is redelivered when its lock expires."""
+        pending = list(self._in_progress.values()) + list(self._mailbox)
+        self._mailbox.clear()
+        for message in pending:
+            try:
+                await self._abandon(message)
+            except (_LockLost, _SessionFailed) as error:
+                self.runtime.telemetry.error(error.cause, operation="abandon")
+                return
+
+
+def _bind_dead_letter(
+    session: Session, message: ReceivedMessage
+) -> Callable[[str, str | None], Awaitable[None]]:
+    async def dead_letter(reason: str, description: str | None) -> None:
+        await session._dead_letter(message, reason, description)
+
+    return dead_letter
+
+
+async def _being_cancelled() -> bool:
+    """True when the surrounding scope is cancelled (used inside ``finally``)."""
+    try:
+        await trio.lowlevel.checkpoint_if_cancelled()
+    except trio.Cancelled:
+        return True
+    return False
