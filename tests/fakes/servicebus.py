@@ -431,6 +431,12 @@ class FakeReceiver:
         await ns._enter("open_receiver")
         with ns.lock:
             q = ns._queue(self._queue_name)
+            if not q.requires_session and self._requested_session is not None:
+                raise ServiceBusError(
+                    "A sessionful message receiver cannot be created on an entity that does not require"
+                    " sessions. Ensure RequiresSession is set to true when creating a Queue or Subscription"
+                    " to enable sessionful behavior."
+                )
             if q.requires_session and not self._dead_letter and self._requested_session is None:
                 raise ServiceBusError(
                     "It is not possible for an entity that requires sessions to create a non-sessionful"

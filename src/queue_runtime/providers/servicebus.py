@@ -426,6 +426,15 @@ class ServiceBusProvider(Provider):
                 f"a Service Bus send takes at most {MAX_BATCH_COUNT} messages, got {len(messages)}"
             )
         requires_session = self._requires_session.get(queue)
+        if requires_session is None and any(m.session_id is None for m in messages if isinstance(m, Message)):
+            # Learn (once per queue) whether the queue needs a session id, so a bad batch is
+            # refused before any I/O; without Manage rights the broker refuses it instead.
+            try:
+                requires_session = (await self.describe(queue)).requires_session
+            except AuthenticationFailed:
+                requires_session = None
+            if queue not in self._requires_session:
+                requires_session = None
         limit = self.capabilities.max_message_size
         for message in messages:
             if not isinstance(message, Message):
@@ -499,7 +508,13 @@ class ServiceBusProvider(Provider):
             if receiver is not None:
                 await receiver.close()
 
-        sdk_receiver = await self._call("accept_session", queue, accept, wait=wait, discard=close_late)
+        try:
+            sdk_receiver = await self._call("accept_session", queue, accept, wait=wait, discard=close_late)
+        except QueueError as exc:
+            if "does not require sessions" in str(exc):
+                self._requires_session[queue] = False
+                raise NotSupported(f"queue {queue!r} does not require sessions: use open_receiver") from None
+            raise
         if sdk_receiver is None:
             logger.debug("no session available on %s within %.1f s", queue, wait)
             return None
@@ -537,6 +552,7 @@ class ServiceBusProvider(Provider):
             sdk_receiver = await self._call("open_receiver", queue, open_, discard=close_late)
         except QueueError as exc:
             if "requires sessions" in str(exc):
+                self._requires_session[queue] = True
                 raise NotSupported(f"queue {queue!r} requires sessions: use accept_session") from None
             raise
         receiver = _ServiceBusReceiver(self, queue, sdk_receiver, session_id=None, session=None)
@@ -820,6 +836,8 @@ def map_error(
         return ConnectionFailed(text)
     if isinstance(exc, BridgeClosed):
         return ConnectionFailed(f"{where} failed: the provider is closing", transient=False)
+    if isinstance(exc, sb.ServiceBusError) and "SessionId" in str(exc) and "not set" in str(exc):
+        return ValidationError(f"{where} failed: the queue requires sessions and a message has no session_id")
     if isinstance(exc, sb.ServiceBusError):
         return QueueError(text, transient=bool(getattr(exc, "_retryable", False)))
     if isinstance(exc, core.AzureError):
