@@ -39,8 +39,19 @@ def bodies(messages: list[ReceivedMessage]) -> list[str]:
 
 
 def wait(h: Any) -> float:
-    """How long to wait for something that should come at once."""
+    """How long to wait for a session that should be available at once (no lock held)."""
     return 5.0 if h.real_time else 1.0
+
+
+def arrive(h: Any) -> float:
+    """How long a session holder waits for a message that should come at once: well inside
+    the session lock, which the suite renews only where it says so."""
+    return max(min(5.0, h.lock_duration * 0.4), 0.5) if h.real_time else 1.0
+
+
+def quiet(h: Any) -> float:
+    """How long to wait to conclude that nothing more is coming."""
+    return max(min(1.0, h.lock_duration * 0.3), 0.3) if h.real_time else 0.5
 
 
 def margin(h: Any) -> float:
@@ -67,7 +78,7 @@ async def take(h: Any, receiver: Receiver, count: int) -> list[ReceivedMessage]:
     """Receive until ``count`` messages arrived or a wait came back empty."""
     out: list[ReceivedMessage] = []
     while len(out) < count:
-        batch = await receiver.receive(count - len(out), timeout=wait(h))
+        batch = await receiver.receive(count - len(out), timeout=arrive(h))
         if not batch:
             break
         out.extend(batch)
@@ -80,13 +91,23 @@ async def take_one(h: Any, receiver: Receiver) -> ReceivedMessage:
     return got[0]
 
 
+async def keep_alive(h: Any, receiver: Receiver) -> None:
+    """Renew the session lock when less than half of it is left (long drains in real time)."""
+    until = receiver.locked_until
+    if until is not None and until - trio.current_time() < h.lock_duration / 2:
+        await receiver.renew_lock()
+
+
 async def drain_session(h: Any, receiver: Receiver) -> list[str]:
     """Complete everything the receiver gets until it is empty; return the bodies in order."""
     seen: list[str] = []
-    while batch := await receiver.receive(10, timeout=wait(h) if h.real_time else 0.5):
+    timeout = arrive(h)
+    while batch := await receiver.receive(10, timeout=timeout):
         for message in batch:
             seen.append(message.message.body.decode())
             await receiver.complete(message)
+        await keep_alive(h, receiver)
+        timeout = quiet(h)
     return seen
 
 
@@ -95,7 +116,7 @@ async def assert_queue_empty(h: Any, queue: str) -> None:
     receiver = await h.provider.accept_session(queue, timeout=wait(h) / 2)
     if receiver is not None:
         async with receiver:
-            got = await receiver.receive(10, timeout=wait(h) / 2)
+            got = await receiver.receive(10, timeout=quiet(h))
             assert got == [], f"expected an empty queue, got {bodies(got)}"
 
 
@@ -212,7 +233,8 @@ async def test_contract_session_exclusivity(harness: Any, contract_clock: Any) -
     holder = await accept(h, queue)
     try:
         assert holder.session_id == "s1"
-        other = await h.provider.accept_session(queue, timeout=wait(h) / 2)
+        # Well inside the holder's lock: the session must not be handed out meanwhile.
+        other = await h.provider.accept_session(queue, timeout=min(wait(h) / 2, h.lock_duration * 0.4))
         assert other is None, "a held session was handed to a second receiver"
         await send(h, queue, msg("s2", 1))
         async with await accept(h, queue) as other:
@@ -495,7 +517,9 @@ async def test_contract_abandon_redelivers_first_with_count_plus_one(
         await receiver.complete(again)
         m2 = await take_one(h, receiver)
         assert bodies([m2]) == ["2"]
-        assert m2.delivery_count == 1
+        # m2 was never handed out before; a broker that prefetches (SQS) may still have
+        # counted a receive of it when m1 was released, so only a lower bound is portable.
+        assert m2.delivery_count >= 1
         await receiver.complete(m2)
         assert await drain_session(h, receiver) == ["3"]
 
@@ -609,14 +633,17 @@ async def test_contract_broker_dead_letters_after_max_delivery_count(
 ) -> None:
     h = harness
     queue = await h.make_queue()
-    await send(h, queue, msg("s1", "poison"), msg("s1", "fine"))
+    await send(h, queue, msg("s1", "poison"))
     for attempt in range(1, h.max_delivery_count + 1):
         async with await accept(h, queue) as receiver:
             m = await take_one(h, receiver)
             assert bodies([m]) == ["poison"]
             assert m.delivery_count == attempt
             await receiver.abandon(m)
-    # The next delivery would exceed the limit: the broker dead-letters it instead.
+    # The next delivery would exceed the limit: the broker dead-letters it instead, and the
+    # session goes on. ("fine" is sent only now: a prefetching broker would count its
+    # receives along with the poison's.)
+    await send(h, queue, msg("s1", "fine"))
     async with await accept(h, queue) as receiver:
         assert await drain_session(h, receiver) == ["fine"]
     dead = await h.provider.peek_dead_letters(queue)
@@ -861,20 +888,19 @@ async def test_contract_queue_stats_depth_counts(harness: Any, contract_clock: A
         assert stats.dead_letter == 0
     if stats.scheduled is not None:
         assert stats.scheduled == 0
+    # A prefetching broker (SQS) may hold more in flight than it handed out: check sums.
     async with await accept(h, queue) as receiver:
         m = await take_one(h, receiver)
         stats = await h.provider.queue_stats(queue)
-        if stats.active is not None:
-            assert stats.active == 2
         if stats.in_flight is not None:
-            assert stats.in_flight == 1
+            assert stats.in_flight >= 1
+        if stats.active is not None and stats.in_flight is not None:
+            assert stats.active + stats.in_flight == 3
         if stats.oldest_message_age is not None:
             assert stats.oldest_message_age >= 0
         await receiver.dead_letter(m, "Bad")
-    stats = await h.provider.queue_stats(queue)
-    if stats.active is not None:
-        assert stats.active == 2
-    if stats.in_flight is not None:
-        assert stats.in_flight == 0
-    if stats.dead_letter is not None:
-        assert stats.dead_letter == 1
+        stats = await h.provider.queue_stats(queue)
+        if stats.active is not None and stats.in_flight is not None:
+            assert stats.active + stats.in_flight == 2
+        if stats.dead_letter is not None:
+            assert stats.dead_letter == 1
