@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -821,3 +822,39 @@ def test_without_sdk_everything_is_a_cheap_no_op() -> None:
     for name, ns in result.items():
         assert ns < 25_000, (name, ns)
     print(result)
+
+
+@pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)"
+)
+def test_promtool_validates_rules_and_dashboard_queries(tmp_path: Path) -> None:
+    alerts = ROOT / "docs/alerts"
+    checked = subprocess.run(
+        ["promtool", "check", "rules", str(alerts / "queue-runtime.rules.yml")],
+        capture_output=True,
+        text=True,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    # Unit tests: each alert fires on synthetic series that break its threshold, not below it.
+    tested = subprocess.run(
+        ["promtool", "test", "rules", str(alerts / "queue-runtime.rules.test.yml")],
+        capture_output=True,
+        text=True,
+    )
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    # Every dashboard query parses (Grafana variables replaced by concrete values).
+    dashboard = json.loads((ROOT / "docs/grafana/queue-runtime.json").read_text())
+    records = []
+    for i, panel in enumerate(dashboard["panels"]):
+        for j, target in enumerate(panel.get("targets", [])):
+            expr = (
+                target["expr"]
+                .replace("$__rate_interval", "5m")
+                .replace("$__range", "1h")
+                .replace("$queue", ".*")
+            )
+            records.append({"record": f"dashboard:panel{i}_{j}", "expr": expr})
+    rules = tmp_path / "dashboard.rules.yml"
+    rules.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": records}]}))
+    parsed = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True)
+    assert parsed.returncode == 0, parsed.stdout + parsed.stderr
