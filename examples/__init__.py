@@ -1,0 +1,1 @@
+"""Runnable examples: ``queue-runtime worker examples.orders:OrderActor --queue orders``."""
