@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 import yaml
@@ -38,9 +39,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client.parser import text_string_to_metric_families
 
+from queue_runtime import DeadLetter, MessageContext, RetryPolicy, SessionActor, Supervisor, SupervisorConfig
 from queue_runtime import telemetry as telemetry_module
+from queue_runtime.client import QueueClient
 from queue_runtime.errors import AuthenticationFailed, ConfigurationError, ConnectionFailed, QueueError
 from queue_runtime.message import Message, ReceivedMessage
+from queue_runtime.providers.memory import InMemoryProvider
 from queue_runtime.telemetry import (
     LATENCY_BUCKETS,
     JsonFormatter,
@@ -858,3 +862,73 @@ def test_promtool_validates_rules_and_dashboard_queries(tmp_path: Path) -> None:
     rules.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": records}]}))
     parsed = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True)
     assert parsed.returncode == 0, parsed.stdout + parsed.stderr
+
+
+# -- a real run: client → in-memory broker → supervisor → actor ---------------------------------------
+
+
+class _Event(msgspec.Struct):
+    kind: str
+
+
+class _Actor(SessionActor[_Event]):
+    async def handle(self, event: _Event, ctx: MessageContext) -> None:
+        if event.kind == "flaky" and ctx.attempt == 1:
+            raise ValueError("flaky once")
+        if event.kind == "bad":
+            raise DeadLetter("Rejected", "bad input")
+        if event.kind == "poison":
+            raise ValueError("always fails")
+
+
+async def test_a_real_run_reports_metrics_and_one_trace_per_message(
+    otel: Otel, queue: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    kinds = {"s-1": ["ok", "flaky", "bad", "ok"], "s-2": ["poison", "ok"]}
+    messages = [Message.json({"kind": k}, session_id=s) for s, ks in kinds.items() for k in ks]
+    config = SupervisorConfig(
+        queue=queue,
+        retry=RetryPolicy(max_attempts=2, initial_backoff=0.5, jitter=0.0),
+        session_idle_timeout=1.0,
+    )
+    async with InMemoryProvider() as provider:
+        await QueueClient(provider).send_batch(queue, messages)
+        supervisor = Supervisor(provider, _Actor, config)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.serve)
+            with trio.fail_after(60):
+                while (stats := supervisor.stats()).completed + stats.dead_lettered < len(messages):
+                    await trio.sleep(0.1)
+            supervisor.stop()
+        supervisor.telemetry.close()
+
+    assert value(otel, "queue_messages_sent", queue, status="success") == 6
+    assert value(otel, "queue_messages_received", queue) == 6
+    assert value(otel, "queue_messages_completed", queue) == 4  # ok, flaky, ok, ok
+    assert value(otel, "queue_retry_attempts", queue) == 2  # flaky and poison, once each
+    assert value(otel, "queue_messages_dead_lettered", queue, reason="Rejected") == 1
+    assert value(otel, "queue_messages_dead_lettered", queue, reason="MaxAttemptsExceeded") == 1
+    assert value(otel, "queue_sessions_accepted", queue) == 2
+    ended = value(otel, "queue_sessions_completed", queue, reason="idle") + value(
+        otel, "queue_sessions_completed", queue, reason="shutdown"
+    )
+    assert ended == 2
+
+    spans = otel.spans.get_finished_spans()
+    (send,) = [s for s in spans if s.name == f"send {queue}"]
+    processes = [s for s in spans if s.name == f"process {queue}"]
+    assert len(processes) == 8  # 6 messages, two of them twice
+    for span in processes:
+        assert span.context.trace_id == send.context.trace_id
+        assert span.parent is not None and span.parent.span_id == send.context.span_id
+    failed = [s for s in processes if s.status.status_code is StatusCode.ERROR]
+    assert sorted(str(s.attributes["error.type"]) for s in failed if s.attributes) == [
+        "DeadLetter", "ValueError", "ValueError", "ValueError",
+    ]  # fmt: skip
+    sessions = [s for s in spans if s.name == f"session {queue}"]
+    assert len(sessions) == 2
+    session_ids = {s.context.span_id for s in sessions}
+    assert all(link.context.span_id in session_ids for s in processes for link in s.links)
+    settles = [s for s in spans if s.name in (f"complete {queue}", f"dead_letter {queue}")]
+    assert len(settles) == 6
+    assert all(s.context.trace_id == send.context.trace_id for s in settles)
