@@ -1,8 +1,12 @@
 """Contract harness for `ServiceBusProvider` against the SDK-shaped fake (real time).
 
 The fake runs on the provider's private asyncio loop thread, exactly where the real SDK would,
-so every call crosses the trio <-> asyncio bridge; the suite therefore runs on the real clock
-with short (2 s) locks.
+so every call crosses the trio <-> asyncio bridge; the suite therefore runs on the real clock.
+
+``lock_duration`` is 6 s, not 2 s: on Service Bus a session lock runs out while a receive
+waits unless it is renewed (the broker then fails the receive with a lost session lock), and
+the suite holds sessions across 5 s empty-receive waits without renewing. Service Bus's own
+minimum lock duration is 5 s, so 6 s is also a setting a real queue can have.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ class ServiceBusHarness:
     real_time: ClassVar[bool] = True
     skip_reason: ClassVar[str | None] = None
 
-    lock_duration: float = 2.0
+    lock_duration: float = 6.0
     max_delivery_count: int = 3
 
     def __init__(self) -> None:

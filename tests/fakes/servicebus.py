@@ -152,6 +152,7 @@ class FakeNamespace:
         self.calls: Counter[str] = Counter()
         self.faults: dict[str, list[Callable[[], BaseException]]] = {}
         self.delays: dict[str, float] = {}
+        self.stalls: dict[str, float] = {}
         self.unreachable: Callable[[], BaseException] | None = None
         self.clients_created = 0
         self.open_receivers = 0
@@ -201,6 +202,24 @@ class FakeNamespace:
         """Every call of ``operation`` first sleeps ``seconds`` (0 removes the delay)."""
         with self.lock:
             self.delays[operation] = seconds
+
+    def stall(self, operation: str, seconds: float) -> None:
+        """``operation`` finishes its work, then takes ``seconds`` more and ignores cancellation
+        meanwhile (an SDK completing an AMQP attach it already started). Only ``accept``."""
+        with self.lock:
+            self.stalls[operation] = seconds
+
+    async def _stall(self, operation: str) -> None:
+        with self.lock:
+            seconds = self.stalls.get(operation, 0.0)
+        if not seconds:
+            return
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                await asyncio.sleep(left)
+            except asyncio.CancelledError:
+                continue  # swallowed: the result will arrive anyway
 
     def lose_session_lock(self, queue: str, session_id: str) -> None:
         """Another receiver "stole" the session: the holder's lock is gone."""
@@ -470,6 +489,7 @@ class FakeReceiver:
                         condition=b"com.microsoft:timeout",
                     )
                 await asyncio.sleep(_POLL)
+            await ns._stall("accept")
         with ns.lock:
             self._open = True
             ns.open_receivers += 1
@@ -782,8 +802,35 @@ class FakeAdministrationClient:
                 dead_lettering_on_message_expiration=q.dead_lettering_on_message_expiration,
             )
 
+    async def get_queue_runtime_properties(self, queue_name: str, **_: Any) -> FakeQueueRuntimeProperties:
+        await self._ns._enter("get_queue_runtime_properties")
+        with self._ns.lock:
+            q = self._ns._queue(queue_name)
+            self._ns._sweep(q)
+            now = self._ns.now()
+            scheduled = sum(1 for e in q.active if e.visible_at > now)
+            return FakeQueueRuntimeProperties(
+                name=q.name,
+                # Like Service Bus: locked messages still count as active.
+                active_message_count=len(q.active) - scheduled,
+                scheduled_message_count=scheduled,
+                dead_letter_message_count=len(q.dlq),
+                total_message_count=len(q.active) + len(q.dlq),
+            )
+
     async def close(self) -> None:
         return None
+
+
+@dataclass
+class FakeQueueRuntimeProperties:
+    """The fields of ``azure.servicebus.management.QueueRuntimeProperties`` the adapter reads."""
+
+    name: str
+    active_message_count: int
+    scheduled_message_count: int
+    dead_letter_message_count: int
+    total_message_count: int
 
 
 def connection_error_echoing(connection_string: str) -> Callable[[], BaseException]:

@@ -287,3 +287,16 @@ async def test_aclose_deadline_with_a_task_that_ignores_cancellation() -> None:
         release.set()
     assert elapsed < 2.0
     assert threading.active_count() == baseline
+
+
+async def test_timeout_keeps_a_result_that_beat_the_cancellation(bridge: AsyncioThread) -> None:
+    """Unlike asyncio.wait_for, a result produced while being timed out is not dropped."""
+
+    async def finishes_anyway() -> str:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            return "resource"
+        return "unreachable"
+
+    assert await bridge.run(finishes_anyway, timeout=0.1) == "resource"

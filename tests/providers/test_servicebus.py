@@ -600,3 +600,36 @@ def test_from_settings_uses_the_connection_string_secret() -> None:
         )
     )
     assert "azure-identity" in repr(mi)
+
+
+async def test_session_accepted_after_cancellation_is_closed_not_leaked(
+    provider: ServiceBusProvider, namespace: FakeNamespace
+) -> None:
+    """The SDK finishes accepting a session although the caller was cancelled: the bridge
+    hands the late receiver to the discard hook, which closes it and frees the session."""
+    await provider.send("orders", [msg("s")])
+    namespace.stall("accept", 0.5)
+    with trio.move_on_after(0.2) as scope:
+        await provider.accept_session("orders", timeout=5)
+    assert scope.cancelled_caught
+    namespace.stall("accept", 0)
+    with trio.fail_after(5):
+        while namespace.open_receivers or pending_asyncio_tasks(provider):
+            await trio.sleep(0.05)
+    receiver = await provider.accept_session("orders", timeout=1)
+    assert receiver is not None and receiver.session_id == "s"
+    (m,) = await receiver.receive(1, 1)
+    assert m.delivery_count == 1  # the leaked-then-closed holder never received it
+    await receiver.aclose()
+
+
+async def test_queue_stats_from_runtime_properties(provider: ServiceBusProvider) -> None:
+    await provider.send("orders", [msg("s", b"a"), msg("s", b"b")])
+    receiver = await provider.accept_session("orders", timeout=1)
+    assert receiver is not None
+    (a,) = await receiver.receive(1, 1)
+    await receiver.dead_letter(a, "Bad")
+    await receiver.aclose()
+    stats = await provider.queue_stats("orders")
+    assert (stats.dead_letter, stats.scheduled) == (1, 0)
+    assert stats.active is None and stats.in_flight is None  # Service Bus cannot tell them apart

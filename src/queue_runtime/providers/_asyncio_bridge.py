@@ -68,6 +68,7 @@ class _Call(Generic[T]):
         "done_event",
         "finished",
         "task",
+        "timed_out",
         "token",
     )
 
@@ -86,6 +87,7 @@ class _Call(Generic[T]):
         self.finished = False
         self.abandoned = False
         self.callback_ran = False
+        self.timed_out = False
 
     def wake(self) -> None:
         """Wake the trio caller (from the loop thread). Idempotent; never raises."""
@@ -233,10 +235,11 @@ class AsyncioThread:
     ) -> T:
         """Run ``await fn(*args)`` on the loop and return its result in trio.
 
-        ``timeout`` (real seconds, enforced on the loop with ``asyncio.wait_for``) raises
-        `TimeoutError`. ``discard`` receives, on the loop, a result that arrived after the
-        trio caller was cancelled. Exceptions of ``fn`` propagate unchanged. See the module
-        docstring for the cancellation guarantees.
+        ``timeout`` (real seconds, timed on the loop) cancels the task and raises
+        `TimeoutError` (a result that beat the cancellation is returned normally).
+        ``discard`` receives, on the loop, a result that arrived after the trio caller was
+        cancelled. Exceptions of ``fn`` propagate unchanged. See the module docstring for the
+        cancellation guarantees.
         """
         # Already cancelled: do not start anything on the loop.
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -250,12 +253,19 @@ class AsyncioThread:
             if call.abandoned:  # cancelled before it started: never call fn
                 call.wake()
                 return
-            coro: Coroutine[Any, Any, T] = fn(*args)
-            if timeout is not None:
-                coro = asyncio.wait_for(coro, timeout)
-            task = loop.create_task(coro)
+            task = loop.create_task(fn(*args))
             call.task = task
             task.add_done_callback(lambda _t: self._task_done(call))
+            if timeout is not None:
+                # Not asyncio.wait_for: it drops a result that races the cancellation, and
+                # that result may be a resource (a session receiver) that must be discarded.
+                def expire() -> None:
+                    if not task.done():
+                        call.timed_out = True
+                        task.cancel()
+
+                timer = loop.call_later(timeout, expire)
+                task.add_done_callback(lambda _t: timer.cancel())
 
         try:
             loop.call_soon_threadsafe(start)
@@ -274,6 +284,8 @@ class AsyncioThread:
         if task is None or not task.done():
             raise BridgeClosed("the asyncio bridge closed before the call finished")
         if task.cancelled():
+            if call.timed_out:
+                raise TimeoutError(f"the call did not finish within {timeout} s")
             raise BridgeClosed("the asyncio task was cancelled (the bridge is closing)")
         return task.result()
 

@@ -49,7 +49,7 @@ from ..errors import (
 )
 from ..message import Message, ReceivedMessage, validate_message_id
 from ._asyncio_bridge import AsyncioThread, BridgeClosed
-from .base import Capabilities, Provider, QueueInfo, Receiver
+from .base import Capabilities, Provider, QueueInfo, QueueStats, Receiver
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -385,6 +385,30 @@ class ServiceBusProvider(Provider):
         )
         self._requires_session[queue] = info.requires_session
         return info
+
+    async def queue_stats(self, queue: str) -> QueueStats:
+        """Dead-lettered and scheduled counts from the management API (Manage rights).
+
+        ``active`` and ``in_flight`` stay None: Service Bus counts locked (in-flight) messages
+        as active and cannot tell them apart. Without Manage rights every figure is None.
+        """
+        self.validate_queue_name(queue)
+        await self._ensure_client()
+
+        async def runtime_properties() -> Any:
+            if self._admin is None:
+                self._admin = self._make_admin()
+            return await self._admin.get_queue_runtime_properties(queue)
+
+        try:
+            props = await self._call("queue_stats", queue, runtime_properties)
+        except (AuthenticationFailed, NotSupported):
+            return QueueStats(queue=queue)
+        return QueueStats(
+            queue=queue,
+            scheduled=getattr(props, "scheduled_message_count", None),
+            dead_letter=getattr(props, "dead_letter_message_count", None),
+        )
 
     def _make_admin(self) -> Any:
         """On the loop: the management client (queue properties)."""
