@@ -36,6 +36,7 @@ from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricR
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Sampler, SamplingResult
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -70,6 +71,23 @@ class Otel:
     spans: InMemorySpanExporter
 
 
+class _WhileTesting(Sampler):
+    """Records spans only while a test of this module runs, so the tracer provider this
+    module must install (once per process) costs later tests of the session almost nothing."""
+
+    active = False
+
+    def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+        # ALWAYS_ON passes the span's attributes and trace state through; DROP records nothing.
+        return (ALWAYS_ON if self.active else ALWAYS_OFF).should_sample(*args, **kwargs)
+
+    def get_description(self) -> str:
+        return "queue-runtime telemetry tests"
+
+
+_SAMPLER = _WhileTesting()
+
+
 def _install() -> Otel:
     provider = metrics.get_meter_provider()
     state = getattr(provider, _STATE, None)
@@ -83,7 +101,7 @@ def _install() -> Otel:
     metrics.set_meter_provider(provider)
     tracer_provider = trace.get_tracer_provider()
     if not isinstance(tracer_provider, TracerProvider):
-        tracer_provider = TracerProvider()
+        tracer_provider = TracerProvider(sampler=_SAMPLER)
         trace.set_tracer_provider(tracer_provider)
     exporter = InMemorySpanExporter()
     tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -96,8 +114,12 @@ def _install() -> Otel:
 def otel() -> Iterator[Otel]:
     state = _install()
     state.spans.clear()
-    yield state
-    state.spans.clear()
+    _SAMPLER.active = True
+    try:
+        yield state
+    finally:
+        _SAMPLER.active = False
+        state.spans.clear()
 
 
 @pytest.fixture
