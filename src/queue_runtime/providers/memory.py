@@ -424,7 +424,12 @@ class InMemoryProvider(Provider):
         return timers[0][0] if timers else math.inf
 
     def _advance(self, queue: _Queue) -> None:
-        """Apply every timed event that is due: activations, visibility, expiries."""
+        """Apply every timed event that is due: activations, visibility, expiries.
+
+        A dead-letter queue first advances its parent, whose expiries may move messages in.
+        """
+        if queue.parent is not None:
+            self._advance(queue.parent)
         now = self._now()
         timers = queue.timers
         while timers and timers[0][0] <= now:

@@ -1,0 +1,607 @@
+"""InMemoryProvider behaviour beyond the shared contract: fault injection, bounds, exact
+stats, TTL/scheduling details, waiter fairness and internal invariants at scale.
+
+Every test runs on MockClock (``autojump_clock``): lock expiry and scheduling are instant.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from queue_runtime.errors import (
+    ConnectionFailed,
+    InvalidReceipt,
+    MessageLockLost,
+    MessageTooLarge,
+    NotSupported,
+    QueueError,
+    QueueFull,
+    SessionLockLost,
+    Throttled,
+    ValidationError,
+)
+from queue_runtime.message import Message, ReceivedMessage
+from queue_runtime.providers.base import Receiver
+from queue_runtime.providers.memory import FAULT_OPERATIONS, InMemoryProvider
+
+
+def msg(session: str | None, label: object, **fields: Any) -> Message:
+    return Message(body=str(label).encode(), session_id=session, **fields)
+
+
+async def accept(provider: InMemoryProvider, queue: str = "q", timeout: float = 0) -> Receiver:
+    receiver = await provider.accept_session(queue, timeout=timeout)
+    assert receiver is not None
+    return receiver
+
+
+def bodies(messages: list[ReceivedMessage]) -> list[str]:
+    return [m.message.body.decode() for m in messages]
+
+
+def internal(provider: InMemoryProvider, queue: str = "q") -> Any:
+    return provider._queues[queue]
+
+
+# -- construction and queues ----------------------------------------------------------------------
+def test_constructor_validates_arguments() -> None:
+    for kwargs in (
+        {"lock_duration": 0},
+        {"lock_duration": float("inf")},
+        {"max_delivery_count": 0},
+        {"max_queue_messages": 0},
+        {"max_message_size": 0},
+    ):
+        with pytest.raises(ValidationError):
+            InMemoryProvider(**kwargs)
+
+
+def test_capabilities() -> None:
+    caps = InMemoryProvider(max_message_size=1000).capabilities
+    assert caps.system == "memory"
+    assert caps.native_sessions and caps.session_state and caps.abandon_delay and caps.scheduled_messages
+    assert caps.max_batch_count == 100
+    assert caps.max_batch_bytes == caps.max_message_size == 1000
+
+
+async def test_queue_created_on_first_use_as_session_queue(autojump_clock: Any) -> None:
+    provider = InMemoryProvider(lock_duration=7, max_delivery_count=4)
+    info = await provider.describe("orders")
+    assert info.requires_session is True
+    assert info.lock_duration == 7
+    assert info.max_delivery_count == 4
+
+
+async def test_create_queue_is_idempotent_and_rejects_conflicts(autojump_clock: Any) -> None:
+    provider = InMemoryProvider()
+    provider.create_queue("plain", requires_session=False, lock_duration=5)
+    provider.create_queue("plain", requires_session=False, lock_duration=5)
+    with pytest.raises(ValidationError, match="different settings"):
+        provider.create_queue("plain", requires_session=True, lock_duration=5)
+    with pytest.raises(ValidationError):
+        provider.create_queue("bad name")
+    with pytest.raises(ValidationError):
+        provider.create_queue("q2", lock_duration=-1)
+
+
+async def test_closed_provider_refuses_calls(autojump_clock: Any) -> None:
+    provider = InMemoryProvider()
+    await provider.send("q", [msg("s", 1)])
+    receiver = await accept(provider)
+    await provider.aclose()
+    await provider.aclose()
+    with pytest.raises(QueueError, match="closed"):
+        await provider.send("q", [msg("s", 2)])
+    with pytest.raises(QueueError, match="closed"):
+        await receiver.receive(1)
+    await receiver.aclose()  # still safe
+
+
+# -- fault injection --------------------------------------------------------------------------------
+async def _prepared(provider: InMemoryProvider) -> tuple[Receiver, ReceivedMessage]:
+    await provider.send("q", [msg("s", 1), msg("s", 2)])
+    receiver = await accept(provider)
+    [first] = await receiver.receive(1)
+    return receiver, first
+
+
+@pytest.mark.parametrize("operation", FAULT_OPERATIONS)
+async def test_inject_fault_each_operation_fails_then_recovers(autojump_clock: Any, operation: str) -> None:
+    provider = InMemoryProvider()
+    receiver, first = await _prepared(provider)
+    error = ConnectionFailed(f"injected {operation}")
+    provider.inject_fault(operation, error, times=2)
+
+    calls = {
+        "send": lambda: provider.send("q", [msg("s", 3)]),
+        "receive": lambda: receiver.receive(1),
+        "accept_session": lambda: provider.accept_session("q", timeout=0),
+        "complete": lambda: receiver.complete(first),
+        "abandon": lambda: receiver.abandon(first),
+        "dead_letter": lambda: receiver.dead_letter(first, "Bad"),
+        "renew_lock": lambda: receiver.renew_lock(),
+    }
+    before = await provider.queue_stats("q")
+    for _ in range(2):
+        with pytest.raises(ConnectionFailed) as caught:
+            await calls[operation]()
+        assert caught.value is error
+    # The failed calls changed nothing.
+    assert await provider.queue_stats("q") == before
+    # The third call works.
+    result = await calls[operation]()
+    if operation == "accept_session":
+        assert result is None  # the only session is held
+    stats = await provider.queue_stats("q")
+    expected_active = {"send": 2, "receive": 0, "abandon": 2, "dead_letter": 1, "complete": 1}
+    if operation in expected_active:
+        assert stats.active == expected_active[operation]
+
+
+async def test_inject_fault_applies_to_message_lock_renewal_too(autojump_clock: Any) -> None:
+    provider = InMemoryProvider()
+    provider.create_queue("plain", requires_session=False)
+    await provider.send("plain", [msg(None, 1)])
+    receiver = await provider.open_receiver("plain")
+    [m] = await receiver.receive(1)
+    provider.inject_fault("renew_lock", Throttled("slow down", retry_after=2))
+    await trio.sleep(1)
+    with pytest.raises(Throttled):
+        await receiver.renew_message_lock(m)
+    assert await receiver.renew_message_lock(m) > m.locked_until  # type: ignore[operator]
+
+
+async def test_inject_fault_validates_arguments() -> None:
+    provider = InMemoryProvider()
+    with pytest.raises(ValidationError, match="unknown fault operation"):
+        provider.inject_fault("explode", ConnectionFailed("x"))
+    with pytest.raises(ValidationError):
+        provider.inject_fault("send", "not an exception")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        provider.inject_fault("send", ConnectionFailed("x"), times=0)
+
+
+async def test_faults_queue_up_in_order(autojump_clock: Any) -> None:
+    provider = InMemoryProvider()
+    first, second = ConnectionFailed("one"), Throttled("two")
+    provider.inject_fault("send", first)
+    provider.inject_fault("send", second)
+    for expected in (first, second):
+        with pytest.raises(QueueError) as caught:
+            await provider.send("q", [msg("s", 1)])
+        assert caught.value is expected
+    await provider.send("q", [msg("s", 1)])
+    assert (await provider.queue_stats("q")).active == 1
+
+
+# -- bounds and validation --------------------------------------------------------------------------
+async def test_queue_full_bound_counts_dead_letters_and_frees_on_settle(autojump_clock: Any) -> None:
+    provider = InMemoryProvider(max_queue_messages=4)
+    await provider.send("q", [msg("s", i) for i in range(3)])
+    with pytest.raises(QueueFull, match="bound is 4") as caught:
+        await provider.send("q", [msg("s", "x"), msg("s", "y")])
+    assert caught.value.transient
+    assert (await provider.queue_stats("q")).active == 3  # all or nothing
+    await provider.send("q", [msg("s", 3)])
+    receiver = await accept(provider)
+    got = await receiver.receive(2)
+    await receiver.dead_letter(got[0], "Bad")
+    with pytest.raises(QueueFull):
+        await provider.send("q", [msg("s", 4)])  # the dead letter still counts
+    await receiver.complete(got[1])
+    await provider.send("q", [msg("s", 4)])
+    assert await provider.purge_dead_letters("q") == 1
+    await provider.send("q", [msg("s", 5)])
+
+
+async def test_send_validates_everything_before_storing(autojump_clock: Any) -> None:
+    provider = InMemoryProvider(max_message_size=100)
+    with pytest.raises(MessageTooLarge) as caught:
+        await provider.send("q", [msg("s", "ok"), Message(body=b"x" * 200, session_id="s")])
+    assert caught.value.limit == 100
+    with pytest.raises(ValidationError, match="requires sessions"):
+        await provider.send("q", [msg("s", "ok"), msg(None, "no session")])
+    with pytest.raises(ValidationError, match="at most 100 messages"):
+        await provider.send("q", [msg("s", i) for i in range(101)])
+    with pytest.raises(MessageTooLarge, match="batch"):
+        await provider.send("q", [Message(body=b"x" * 60, session_id="s") for _ in range(2)])
+    with pytest.raises(ValidationError, match="expected a Message"):
+        await provider.send("q", [b"raw"])  # type: ignore[list-item]
+    assert (await provider.queue_stats("q")).active == 0
+
+
+async def test_non_session_queue_accepts_messages_with_session_ids(autojump_clock: Any) -> None:
+    provider = InMemoryProvider()
+    provider.create_queue("plain", requires_session=False)
+    await provider.send("plain", [msg("s", 1), msg(None, 2)])
+    async with await provider.open_receiver("plain") as receiver:
+        assert bodies(await receiver.receive(5)) == ["1", "2"]
+
+
+# -- stats, TTL, scheduling -------------------------------------------------------------------------
+async def test_queue_stats_exact(autojump_clock: Any) -> None:
+    provider = InMemoryProvider(lock_duration=1000)
+    later = datetime.now(UTC) + timedelta(seconds=100)
+    await provider.send(
+        "q", [msg("a", 1), msg("a", 2), msg("b", 1), msg("c", 9, scheduled_enqueue_time=later)]
+    )
+    await trio.sleep(10)
+    stats = await provider.queue_stats("q")
+    assert (stats.active, stats.in_flight, stats.scheduled, stats.dead_letter) == (3, 0, 1, 0)
+    assert stats.oldest_message_age == pytest.approx(10)
+    receiver = await accept(provider)
+    [m] = await receiver.receive(1)
+    await receiver.dead_letter(m, "Bad")
+    await receiver.receive(1)
+    stats = await provider.queue_stats("q")
+    assert (stats.active, stats.in_flight, stats.scheduled, stats.dead_letter) == (1, 1, 1, 1)
+    await trio.sleep(95)
+    stats = await provider.queue_stats("q")
+    assert (stats.active, stats.scheduled) == (2, 0)
+    empty = await provider.queue_stats("other")
+    assert empty.oldest_message_age is None and empty.active == 0
+
+
+async def test_ttl_expiry_drops_by_default(autojump_clock: Any) -> None:
+    provider = InMemoryProvider()
+    await provider.send("q", [msg("s", "short", time_to_live=5), msg("t", "long", time_to_live=50)])
+    await trio.sleep(6)
+    stats = await provider.queue_stats("q")
+    assert (stats.active, stats.dead_letter) == (1, 0)
+    receiver = await accept(provider)
+    assert receiver.session_id == "t"
+
+
+async def test_ttl_expiry_dead_letters_when_the_queue_says_so(autojump_clock: Any) -> None:
+    provider = InMemoryProvider()
+    provider.create_queue("q", dead_letter_on_expiration=True)
+    await provider.send("q", [msg("s", "short", time_to_live=5)])
+    await trio.sleep(6)
+    [dead] = await provider.peek_dead_letters("q")
+    assert dead.dead_letter_reason == "TTLExpiredException"
+    assert dead.dead_letter_source == "q"
+    assert dead.delivery_count == 0
+
+
+async def test_ttl_of_a_locked_message_applies_when_it_comes_back(autojump_clock: Any) -> None:
+    provider = InMemoryProvider()
+    await provider.send("q", [msg("s", "m", time_to_live=5), msg("s", "n")])
+    receiver = await accept(provider)
+    [m] = await receiver.receive(1)
+    await trio.sleep(10)  # expired while locked: the holder may still complete...
+    await receiver.abandon(m)  # ...but once handed back it is gone
+    assert bodies(await receiver.receive(5)) == ["n"]
+
+
+async def test_scheduled_message_ttl_starts_at_its_enqueue_time(autojump_clock: Any) -> None:
+    provider = InMemoryProvider()
+    when = datetime.now(UTC) + timedelta(seconds=100)
+    await provider.send("q", [msg("s", "m", scheduled_enqueue_time=when, time_to_live=20)])
+    receiver = await provider.accept_session("q", timeout=110)
+    assert receiver is not None
+    assert trio.current_time() == pytest.approx(100, abs=0.01)
+    [m] = await receiver.receive(1)
+    assert m.enqueued_at is not None
+    assert abs((m.enqueued_at - when).total_seconds()) < 0.5
+
+
+async def test_scheduled_message_gets_its_place_when_it_becomes_due(autojump_clock: Any) -> None:
+    provider = InMemoryProvider()
+    when = datetime.now(UTC) + timedelta(seconds=30)
+    await provider.send("q", [msg("s", "scheduled", scheduled_enqueue_time=when)])
+    await provider.send("q", [msg("s", "now")])
+    await trio.sleep(40)
+    await provider.send("q", [msg("s", "after")])
+    receiver = await accept(provider)
+    assert bodies(await receiver.receive(5)) == ["now", "scheduled", "after"]
+
+
+async def test_scheduled_in_the_past_is_available_at_once(autojump_clock: Any) -> None:
+    provider = InMemoryProvider()
+    await provider.send("q", [msg("s", 1, scheduled_enqueue_time=datetime.now(UTC) - timedelta(hours=1))])
+    assert (await provider.queue_stats("q")).active == 1
+
+
+async def test_enqueued_at_follows_the_trio_clock(autojump_clock: Any) -> None:
+    provider = InMemoryProvider()
+    start = datetime.now(UTC)
+    await trio.sleep(3600)
+    await provider.send("q", [msg("s", 1)])
+    [m] = await (await accept(provider)).receive(1)
+    assert m.enqueued_at is not None and m.enqueued_at.tzinfo is not None
+    assert abs((m.enqueued_at - start).total_seconds() - 3600) < 5
+
+
+# -- locks and settlement details -----------------------------------------------------------------
+async def test_receipts_are_bound_to_their_receiver(autojump_clock: Any) -> None:
+    provider = InMemoryProvider()
+    await provider.send("q", [msg("a", 1), msg("b", 1)])
+    first = await accept(provider)
+    second = await accept(provider)
+    [m] = await first.receive(1)
+    with pytest.raises(InvalidReceipt):
+        await second.complete(m)
+    peeked = ReceivedMessage(message=m.message)  # no receipt
+    with pytest.raises(InvalidReceipt):
+        await first.complete(peeked)
+    await first.complete(m)
+
+
+async def test_abandon_delay_on_plain_queue_lets_others_through(autojump_clock: Any) -> None:
+    provider = InMemoryProvider()
+    provider.create_queue("plain", requires_session=False)
+    await provider.send("plain", [msg(None, 1), msg(None, 2)])
+    receiver = await provider.open_receiver("plain")
+    [m1] = await receiver.receive(1)
+    await receiver.abandon(m1, delay=10)
+    assert bodies(await receiver.receive(5)) == ["2"]
+    assert (await provider.queue_stats("plain")).active == 1  # m1 waits, counted as active
+    started = trio.current_time()
+    again = await receiver.receive(1, timeout=60)
+    assert bodies(again) == ["1"]
+    assert trio.current_time() - started == pytest.approx(10)
+    with pytest.raises(ValidationError):
+        await receiver.abandon(again[0], delay=-1)
+
+
+async def test_plain_receiver_close_keeps_locks_until_expiry(autojump_clock: Any) -> None:
+    provider = InMemoryProvider(lock_duration=10)
+    provider.create_queue("plain", requires_session=False)
+    await provider.send("plain", [msg(None, 1)])
+    first = await provider.open_receiver("plain")
+    await first.receive(1)
+    await first.aclose()
+    with pytest.raises(QueueError, match="closed"):
+        await first.receive(1)
+    second = await provider.open_receiver("plain")
+    assert await second.receive(1, timeout=5) == []
+    [again] = await second.receive(1, timeout=10)
+    assert again.delivery_count == 2
+
+
+async def test_renew_message_lock_after_settle_is_lock_lost(autojump_clock: Any) -> None:
+    provider = InMemoryProvider()
+    provider.create_queue("plain", requires_session=False)
+    await provider.send("plain", [msg(None, 1)])
+    receiver = await provider.open_receiver("plain")
+    [m] = await receiver.receive(1)
+    await receiver.complete(m)
+    with pytest.raises(MessageLockLost):
+        await receiver.renew_message_lock(m)
+
+
+async def test_dead_letter_receiver_cannot_dead_letter_again(autojump_clock: Any) -> None:
+    provider = InMemoryProvider()
+    await provider.send("q", [msg("s", 1)])
+    receiver = await accept(provider)
+    [m] = await receiver.receive(1)
+    await receiver.dead_letter(m, "Bad", "why")
+    dlq = await provider.open_receiver("q", dead_letter=True)
+    [dead] = await dlq.receive(1)
+    assert dead.dead_letter_source == "q"
+    with pytest.raises(NotSupported):
+        await dlq.dead_letter(dead, "Again")
+    with pytest.raises(NotSupported):
+        await dlq.renew_lock()
+
+
+async def test_received_messages_are_copies(autojump_clock: Any) -> None:
+    provider = InMemoryProvider()
+    sent = msg("s", 1, properties={"k": "v"})
+    await provider.send("q", [sent])
+    sent.properties["k"] = "changed by the producer"
+    receiver = await accept(provider)
+    [m] = await receiver.receive(1)
+    m.message.properties["k"] = "changed by the consumer"
+    await receiver.abandon(m)
+    [again] = await receiver.receive(1)
+    assert again.message.properties == {"k": "v"}
+
+
+async def test_session_state_validation_and_lost_lock(autojump_clock: Any) -> None:
+    provider = InMemoryProvider(lock_duration=10)
+    await provider.send("q", [msg("s", 1)])
+    receiver = await accept(provider)
+    with pytest.raises(ValidationError):
+        await receiver.set_state("text")  # type: ignore[arg-type]
+    await receiver.set_state(bytearray(b"abc"))
+    assert await receiver.get_state() == b"abc"
+    await trio.sleep(11)
+    with pytest.raises(SessionLockLost):
+        await receiver.get_state()
+    with pytest.raises(SessionLockLost):
+        await receiver.set_state(b"x")
+
+
+async def test_cancelled_close_still_releases_the_session(autojump_clock: Any) -> None:
+    provider = InMemoryProvider()
+    await provider.send("q", [msg("s", 1)])
+    receiver = await accept(provider)
+    await receiver.receive(1)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await receiver.aclose()
+    again = await accept(provider)
+    [m] = await again.receive(1)
+    assert m.delivery_count == 2
+
+
+async def test_max_messages_must_be_positive(autojump_clock: Any) -> None:
+    provider = InMemoryProvider()
+    await provider.send("q", [msg("s", 1)])
+    receiver = await accept(provider)
+    with pytest.raises(ValidationError):
+        await receiver.receive(0)
+
+
+# -- waiting --------------------------------------------------------------------------------------
+async def test_many_waiting_acceptors_each_get_a_distinct_session(autojump_clock: Any) -> None:
+    provider = InMemoryProvider()
+    got: list[str | None] = []
+
+    async def acceptor() -> None:
+        receiver = await provider.accept_session("q", timeout=100)
+        got.append(receiver.session_id if receiver is not None else None)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(50):
+            nursery.start_soon(acceptor)
+        await trio.sleep(1)
+        for i in range(50):
+            await provider.send("q", [msg(f"s{i}", i)])
+    assert trio.current_time() < 100  # all woke on the sends, none waited for the timeout
+    assert sorted(got, key=str) == sorted((f"s{i}" for i in range(50)), key=str)
+
+
+async def test_a_cancelled_waiter_passes_its_wakeup_on(autojump_clock: Any) -> None:
+    from queue_runtime.providers.memory import _Waiters
+
+    waiters = _Waiters()
+    woken: list[str] = []
+    cancel_first = trio.CancelScope()
+
+    async def first() -> None:
+        with cancel_first:
+            await waiters.wait(1000)
+            woken.append("first")
+
+    async def second() -> None:
+        await waiters.wait(1000)
+        woken.append("second")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first)
+        await trio.sleep(1)
+        nursery.start_soon(second)
+        await trio.sleep(1)
+        # Cancel the first waiter, then wake it before it runs (no checkpoint in between):
+        # the wake-up it cannot use must pass on to the second.
+        cancel_first.cancel()
+        waiters.notify()
+    assert woken == ["second"]
+    assert trio.current_time() < 100
+
+
+async def test_held_receiver_wakes_when_an_abandon_delay_ends(autojump_clock: Any) -> None:
+    provider = InMemoryProvider()
+    await provider.send("q", [msg("s", 1)])
+    receiver = await accept(provider)
+    [m] = await receiver.receive(1)
+    await receiver.abandon(m, delay=7)
+    started = trio.current_time()
+    assert bodies(await receiver.receive(1, timeout=30)) == ["1"]
+    assert trio.current_time() - started == pytest.approx(7)
+
+
+async def test_waiting_holder_sees_its_lock_expire(autojump_clock: Any) -> None:
+    provider = InMemoryProvider(lock_duration=10)
+    await provider.send("q", [msg("s", 1)])
+    receiver = await accept(provider)
+    await receiver.receive(1)
+    with pytest.raises(SessionLockLost):
+        await receiver.receive(1, timeout=100)
+    assert trio.current_time() == pytest.approx(10)
+
+
+# -- scale and invariants -------------------------------------------------------------------------
+def check_invariants(provider: InMemoryProvider, queue: str = "q") -> None:
+    q = internal(provider, queue)
+    states = [rec.state for rec in q.live.values()]
+    assert states.count("locked") == q.n_locked
+    assert states.count("delayed") == q.n_delayed
+    assert "gone" not in states and "scheduled" not in states
+    in_flight = sum(len(s.in_flight) for s in q.sessions.values()) + len(q.locked)
+    assert in_flight == q.n_locked
+    for session in q.sessions.values():
+        pending = sorted(rec.seq for _, rec in session.pending if rec.state == "pending")
+        head = provider._head(session)
+        assert (head.seq if head is not None else None) == (pending[0] if pending else None)
+        for rec in session.in_flight.values():
+            assert rec.session is session and rec.state == "locked"
+
+
+async def test_ten_thousand_sessions_oldest_first_and_memory_released(autojump_clock: Any) -> None:
+    provider = InMemoryProvider()
+    sessions = 10_000
+    client_batch: list[Message] = []
+    for i in range(sessions):
+        client_batch.append(msg(f"s{i}", i))
+        if len(client_batch) == 100:
+            await provider.send("q", client_batch)
+            client_batch = []
+    order: list[str] = []
+    for _ in range(sessions):
+        receiver = await accept(provider)
+        assert receiver.session_id is not None
+        order.append(receiver.session_id)
+        [m] = await receiver.receive(1)
+        await receiver.complete(m)
+        await receiver.aclose()
+    assert order == [f"s{i}" for i in range(sessions)]  # oldest available session first
+    assert await provider.accept_session("q", timeout=0) is None
+    q = internal(provider)
+    assert q.sessions == {} and q.live == {}  # nothing kept for finished sessions
+    assert len(q.ready) == 0
+
+
+async def test_many_messages_many_holders_with_faults_and_expiry(autojump_clock: Any) -> None:
+    """10^4 messages over 100 sessions, concurrent holders, abandons and lock losses: every
+    message is completed exactly once, in order per session, and the bookkeeping is exact."""
+    provider = InMemoryProvider(lock_duration=5, max_delivery_count=100)
+    per_session = 100
+    for i in range(per_session):
+        await provider.send("q", [msg(f"s{s}", f"s{s}:{i}") for s in range(100)])
+    completed: dict[str, list[int]] = {}
+    counter = 0
+
+    async def worker() -> None:
+        nonlocal counter
+        while (receiver := await provider.accept_session("q", timeout=1)) is not None:
+            try:
+                while batch := await receiver.receive(7, timeout=0.5):
+                    for m in batch:
+                        counter += 1
+                        if counter % 13 == 0:
+                            await receiver.abandon(m)
+                            break  # later ones in the batch must come again after it
+                        session, index = m.message.body.decode().split(":")
+                        completed.setdefault(session, []).append(int(index))
+                        await receiver.complete(m)
+                    else:
+                        continue
+                    for rest in batch[batch.index(m) + 1 :]:
+                        await receiver.abandon(rest)
+                    if counter % 7 == 0:
+                        await trio.sleep(6)  # lose the lock now and then
+            except SessionLockLost:
+                pass
+            finally:
+                await receiver.aclose()
+            check_invariants(provider)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(8):
+            nursery.start_soon(worker)
+    assert sorted(completed) == sorted(f"s{s}" for s in range(100))
+    for indexes in completed.values():
+        assert indexes == list(range(per_session))
+    stats = await provider.queue_stats("q")
+    assert (stats.active, stats.in_flight, stats.dead_letter) == (0, 0, 0)
+
+
+def test_mock_clock_fixture_is_not_needed_for_construction() -> None:
+    # Built outside trio (as at import time in a user's test module), used inside a run.
+    provider = InMemoryProvider()
+
+    async def main() -> list[ReceivedMessage]:
+        await provider.send("q", [msg("s", 1)])
+        receiver = await accept(provider)
+        return await receiver.receive(1)
+
+    got = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert bodies(got) == ["1"]
