@@ -70,7 +70,7 @@ _MAX_OUTSTANDING = 4096
 _DEAD_LETTER_TEXT_LIMIT = 4096
 
 _SECRET_PATTERN = re.compile(
-    r"(?i)(SharedAccessKey|SharedAccessSignature|AccountKey|sig|client_secret|password)=([^;&\s\"',]+)"
+    r"(?i)(SharedAccessKey|SharedAccessSignature|AccountKey|sig|client_secret|password)=([^;&\s\"',)\]}<>]+)"
 )
 
 
@@ -419,9 +419,13 @@ class ServiceBusProvider(Provider):
         from azure.servicebus.aio.management import ServiceBusAdministrationClient
 
         if self._connection_string:
-            return ServiceBusAdministrationClient.from_connection_string(self._connection_string)
+            return ServiceBusAdministrationClient.from_connection_string(
+                self._connection_string, retry_total=self._retry_total
+            )
         credential = self._credential or self._owned_credential
-        return ServiceBusAdministrationClient(self._namespace or "", credential)
+        return ServiceBusAdministrationClient(
+            self._namespace or "", credential, retry_total=self._retry_total
+        )
 
     async def _sender(self, queue: str) -> Any:
         client = await self._ensure_client()
