@@ -1,4 +1,5 @@
-"""A real SQS endpoint for tests: moto's server in a subprocess on 127.0.0.1, free port.
+"""A real SQS endpoint for tests: moto's server in a subprocess on 127.0.0.1, free port
+(with one fix to moto's FIFO emulation, see ``_BOOT``).
 
 Use the ``moto_sqs`` session-scoped pytest fixture (it yields the endpoint URL), or
 `shared_server()` from code that is not a fixture (the contract harness): both share one
@@ -26,6 +27,30 @@ import pytest
 REGION = "us-east-1"
 CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "testing"}
 
+# moto 5.2 breaks FIFO order after a visibility lapse: its receive loop un-marks a lapsed
+# in-flight message only when it reaches it, so with messages 1 and 2 of a group both lapsed it
+# skips 1 (2 still looks in flight) and delivers 2 first. Real SQS treats every lapsed message
+# as no longer in flight. The server process drops lapsed messages from "in flight" before each
+# receive, as SQS does; nothing else of moto changes.
+_BOOT = """
+import sys
+from moto.sqs import models
+
+_original = models.SQSBackend.receive_message
+
+def receive_message(self, queue_name, *args, **kwargs):
+    queue = self.get_queue(queue_name)
+    for message in list(queue.pending_messages):
+        if message.visible:
+            queue.pending_messages.discard(message)
+    return _original(self, queue_name, *args, **kwargs)
+
+models.SQSBackend.receive_message = receive_message
+
+from moto.server import main
+main(sys.argv[1:])
+"""
+
 _lock = threading.Lock()
 _server: MotoServer | None = None
 
@@ -43,7 +68,7 @@ class MotoServer:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            [sys.executable, "-c", _BOOT, "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

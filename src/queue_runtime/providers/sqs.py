@@ -183,6 +183,7 @@ class SqsProvider(Provider):
         wait_time: float = 20.0,
         dead_letter_queue: str | None = None,
         max_pending_sessions: int = 10,
+        max_pending_age: float = 60.0,
         connect_timeout: float = 5.0,
         close_timeout: float = 10.0,
     ) -> None:
@@ -208,6 +209,7 @@ class SqsProvider(Provider):
         self._wait_time = int(wait_time)
         self._dead_letter_queue = dead_letter_queue
         self._max_pending = max_pending_sessions
+        self._max_pending_age = max_pending_age
         self._connect_timeout = connect_timeout
         self._close_timeout = close_timeout
         self._client: Any = None
@@ -678,11 +680,17 @@ class SqsProvider(Provider):
                 state.attempt_id = uuid.uuid4().hex
                 state.attempt_started = trio.current_time()
             started = state.attempt_started
+            await self._tidy_pending(state)
+            wait = min(self._wait_time, int(max(remaining, 0.0)))
+            if state.pending:
+                # Come back in time to release unclaimed sessions before they lapse.
+                due = min(self._pending_due(p, state.meta) for p in state.pending.values())
+                wait = min(wait, max(0, int(due - trio.current_time())))
             try:
                 raws = await self._receive_raw(
                     state.meta,
                     max_messages=BATCH,
-                    wait=min(self._wait_time, int(max(remaining, 0.0))),
+                    wait=wait,
                     attempt_id=state.attempt_id if state.meta.fifo else None,
                 )
             except QueueError as exc:
@@ -704,12 +712,21 @@ class SqsProvider(Provider):
         for record in records:
             group = record.group or ""
             receiver = state.receivers.get(group)
+            if receiver is not None and receiver._lapsed():
+                # SQS redelivered the group because the holder let its visibility lapse: the
+                # holder has lost it, and the group starts over as a new session.
+                receiver._mark_lost()
+                receiver = None
             if receiver is not None:
                 if not receiver._accept(record):
                     overflow.append(record)
                 continue
             pending = state.pending.get(group)
-            if pending is not None:
+            if pending is not None and min(r.deadline for r in pending.records) <= trio.current_time():
+                # Its visibility lapsed and SQS redelivered the group: the new receipts replace it.
+                pending.records = [record]
+                pending.created = trio.current_time()
+            elif pending is not None:
                 pending.records.append(record)
             elif len(state.pending) < self._max_pending:
                 state.pending[group] = _Pending(records=[record], created=trio.current_time())
@@ -720,19 +737,43 @@ class SqsProvider(Provider):
                 await self._release(state.meta, overflow)
 
     async def _tidy_pending(self, state: _QueueState) -> None:
-        """Release unclaimed sessions before their visibility lapses (half-time), so they are
-        redelivered at once instead of sitting invisible."""
+        """Keep unclaimed sessions invisible while they wait (renewing at half-life, so a
+        waiting group is not redelivered and its receive count does not grow), drop the ones
+        that lapsed anyway, and release (visibility 0) those unclaimed for longer than
+        ``max_pending_age`` so other workers may take them."""
         now = trio.current_time()
         stale: list[_Record] = []
+        renew: list[_Record] = []
         for group, pending in list(state.pending.items()):
-            half = (pending.records[0].deadline - pending.records[0].received_at) / 2
-            if now - pending.records[0].received_at >= half:
+            if min(r.deadline for r in pending.records) <= now:
+                del state.pending[group]  # lapsed: already visible to everyone again
+            elif now - pending.created >= self._max_pending_age:
                 del state.pending[group]
-                stale.extend(r for r in pending.records if r.deadline > now)
+                stale.extend(pending.records)
+            elif now >= self._pending_due(pending, state.meta):
+                renew.extend(pending.records)
         if stale:
             log.debug("releasing %d unclaimed messages of %s", len(stale), state.meta.name)
             with contextlib.suppress(QueueError):
                 await self._release(state.meta, stale)
+        if renew:
+            vt = self._lock_seconds(state.meta)
+            started = trio.current_time()
+            try:
+                failed = await self._change_visibility(state.meta, renew, [vt] * len(renew))
+            except QueueError as exc:
+                log.info("could not extend unclaimed sessions of %s: %s", state.meta.name, exc)
+                return
+            for index, record in enumerate(renew):
+                if index in failed:
+                    record.deadline = started  # treat as lapsed: dropped at the next tidy
+                else:
+                    record.deadline = started + vt
+                    record.message.locked_until = record.deadline
+
+    def _pending_due(self, pending: _Pending, meta: _QueueMeta) -> float:
+        """When an unclaimed session's visibility should be extended (at half-life)."""
+        return min(r.deadline for r in pending.records) - self._lock_seconds(meta) / 2
 
     def _claim(self, state: _QueueState) -> SqsSessionReceiver | None:
         now = trio.current_time()
@@ -988,6 +1029,10 @@ class SqsSessionReceiver(_ReceiverBase):
             f"session {self.session_id!r} of {self.queue!r}: the visibility of its messages lapsed"
             " (SQS may redeliver them)"
         )
+
+    def _lapsed(self) -> bool:
+        now = trio.current_time()
+        return any(r.deadline <= now for r in self._active())
 
     def _check_lock(self) -> None:
         if self._lost:
