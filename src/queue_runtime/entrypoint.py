@@ -14,6 +14,7 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Callable
+from functools import partial
 from os import PathLike
 from typing import TYPE_CHECKING, Any
 
@@ -75,17 +76,35 @@ async def serve_worker(
     provider: Provider | None = None,
     install_signal_handlers: bool = True,
     on_started: Callable[[Supervisor], None] | None = None,
+    metrics_host: str = "0.0.0.0",
+    queue_stats_interval: float = 15.0,
     task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED,
 ) -> SupervisorStats:
     """Run one supervisor for ``actor`` with ``settings`` until drained; return its stats.
 
     With ``install_signal_handlers``, SIGINT/SIGTERM trigger the graceful drain and a second
     signal cancels at once. ``provider`` defaults to the one the settings name; it is closed
-    on return either way.
+    on return either way (the one passed in is the caller's to close).
+
+    When ``settings.telemetry.metrics_port`` is set (``--metrics-port`` /
+    ``QUEUE_METRICS_PORT``), Prometheus is set up (`telemetry.setup_prometheus`, needs the
+    ``otel`` extra) and ``/metrics``, ``/healthz``, ``/readyz`` are served on ``metrics_host``
+    from before the queue is checked until the drain ends (``/readyz`` is 200 only while the
+    supervisor accepts work), and the queue-depth gauges are refreshed every
+    ``queue_stats_interval`` seconds. A port that cannot be bound raises `ConfigurationError`
+    before anything is received.
+
+    Cancellation: cancelling this call cancels the supervisor (nothing is settled, sessions
+    are handed back) and the endpoints, then closes an owned provider, shielded.
     """
     from .providers import create_provider
 
     config = settings.supervisor_config()
+    metrics_port = settings.telemetry.metrics_port
+    if metrics_port is not None:
+        from .telemetry import setup_prometheus
+
+        setup_prometheus()  # before the supervisor creates its instruments
     owned = provider is None
     provider = provider if provider is not None else create_provider(settings)
     try:
@@ -93,16 +112,41 @@ async def serve_worker(
         async with trio.open_nursery() as nursery:
             if install_signal_handlers:
                 nursery.start_soon(_watch_signals, supervisor, nursery.cancel_scope)
+            if metrics_port is not None:
+                # Up before the queue check, so liveness answers (and readiness says 503)
+                # while start-up retries a slow broker.
+                await _start_endpoints(nursery, supervisor, metrics_host, metrics_port)
 
             async def serve(task_status: trio.TaskStatus[None]) -> None:
                 await supervisor.serve(task_status=task_status)
-                nursery.cancel_scope.cancel()  # drained: stop watching signals
+                nursery.cancel_scope.cancel()  # drained: stop the signal watcher and endpoints
 
             await nursery.start(serve)
+            if metrics_port is not None:
+                # After the queue check: a missing queue is one start-up error, not also a
+                # stats warning.
+                from .telemetry import refresh_queue_stats
+
+                await nursery.start(
+                    partial(
+                        refresh_queue_stats,
+                        provider,
+                        config.queue,
+                        queue_stats_interval,
+                        telemetry=supervisor.telemetry,
+                    )
+                )
             if on_started is not None:
                 on_started(supervisor)
             task_status.started(supervisor)
         return supervisor.stats()
+    except BaseExceptionGroup as group:
+        # The nursery wraps even a lone start-up error (QueueNotFound, a port in use) in a
+        # group; callers and run() expect the error itself.
+        leaf = _single_leaf(group)
+        if leaf is None:
+            raise
+        raise leaf from None
     finally:
         if owned:
             with trio.CancelScope(shield=True):
@@ -125,3 +169,32 @@ async def _watch_signals(supervisor: Supervisor, scope: trio.CancelScope) -> Non
                 supervisor.telemetry.log(30, "second signal: stopping at once", operation="shutdown")
                 scope.cancel()
                 return
+
+
+async def _start_endpoints(nursery: trio.Nursery, supervisor: Supervisor, host: str, port: int) -> int:
+    """Serve the worker endpoints in ``nursery``; returns the bound port."""
+    from .health import serve_endpoints
+
+    def ready() -> bool:
+        return supervisor.ready
+
+    try:
+        bound: int = await nursery.start(partial(serve_endpoints, port, host=host, ready=ready))
+    except OSError as error:
+        raise ConfigurationError(
+            f"cannot serve metrics on {host}:{port}: {error.strerror or error}"
+        ) from None
+    return bound
+
+
+def _single_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The only exception inside ``group`` (nested groups flattened), else None."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        error = pending.pop()
+        if isinstance(error, BaseExceptionGroup):
+            pending.extend(error.exceptions)
+        else:
+            leaves.append(error)
+    return leaves[0] if len(leaves) == 1 else None
