@@ -19,6 +19,8 @@ import pytest
 import trio
 from azure.core import exceptions as core
 from azure.servicebus import exceptions as sb
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the fakes package
 
@@ -704,3 +706,127 @@ async def test_worker_against_unreachable_namespace_exits_with_one_line_and_no_k
     error_lines = [line for line in out.splitlines() if line.startswith("queue-runtime: error:")]
     assert len(error_lines) == 1, out
     assert "ServiceBusConnectionError" in error_lines[0] or "connect" in error_lines[0].lower()
+
+
+# -- contention, invariants, end to end ---------------------------------------------------------
+
+
+async def test_session_contention_on_accept_is_quiet_none(
+    provider: ServiceBusProvider, namespace: FakeNamespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    await provider.send("orders", [msg("s")])
+    namespace.inject_fault("accept", sb.SessionCannotBeLockedError())
+    assert await provider.accept_session("orders", timeout=1) is None
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    receiver = await provider.accept_session("orders", timeout=1)
+    assert receiver is not None
+    await receiver.aclose()
+
+
+_KEY_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    key=st.text(alphabet=_KEY_CHARS, min_size=8, max_size=64).map(lambda k: k + "="),
+    before=st.text(max_size=40),
+    after=st.text(max_size=40),
+    template=st.sampled_from(
+        [
+            "Endpoint=sb://x.servicebus.windows.net/;SharedAccessKeyName=n;SharedAccessKey={key}",
+            "SharedAccessKey={key};Endpoint=sb://h/",
+            "https://h/q?sv=1&sig={key}&se=2",
+            "SharedAccessSignature sr=h&sig={key}&skn=n",
+            "(connection string: SharedAccessKey={key})",
+        ]
+    ),
+)
+def test_redact_never_leaves_the_key(key: str, before: str, after: str, template: str) -> None:
+    text = before + " " + template.format(key=key) + " " + after
+    out = redact(text)
+    assert key not in out
+    assert "\n" not in out and len(out) <= 400
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    properties=st.dictionaries(
+        st.one_of(st.binary(max_size=20), st.text(max_size=20)),
+        st.one_of(st.binary(max_size=20), st.text(max_size=20), st.integers(), st.booleans()),
+        max_size=6,
+    ),
+    message_id=st.one_of(st.none(), st.text(max_size=200)),
+    correlation_id=st.one_of(st.none(), st.text(max_size=300)),
+)
+def test_received_mapping_never_fails_on_odd_broker_data(
+    properties: dict[object, object], message_id: str | None, correlation_id: str | None
+) -> None:
+    """A foreign producer's odd fields must not make a message undeliverable."""
+    from queue_runtime.providers.servicebus import _to_received
+
+    class Odd:
+        body = iter([b"a", b"b"])
+        application_properties = properties
+        session_id = "s"
+        delivery_count = 2
+        sequence_number = 7
+        enqueued_time_utc = datetime(2024, 1, 1)  # naive, as some SDK paths give
+        locked_until_utc = None
+        time_to_live = None
+        scheduled_enqueue_time_utc = None
+        content_type = None
+        dead_letter_reason = None
+        dead_letter_error_description = None
+        dead_letter_source = None
+
+    odd = Odd()
+    odd.message_id = message_id  # type: ignore[attr-defined]
+    odd.correlation_id = correlation_id  # type: ignore[attr-defined]
+    received = _to_received(odd, receipt="")
+    assert received.message.body == b"ab"
+    assert received.delivery_count == 2 and received.sequence_number == 7
+    assert received.enqueued_at is not None and received.enqueued_at.tzinfo is not None
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in received.message.properties.items())
+
+
+async def test_supervisor_end_to_end_order_and_dead_letter(namespace: FakeNamespace) -> None:
+    """The real session loop and supervisor over the adapter and the fake: per-session order,
+    a DeadLetter reason reaching the dead-letter subqueue, a graceful drain."""
+    from queue_runtime import DeadLetter, SessionActor
+    from queue_runtime.config import SupervisorConfig
+    from queue_runtime.supervisor import Supervisor
+
+    seen: list[tuple[str, int]] = []
+
+    class Actor(SessionActor[bytes]):
+        async def handle(self, message: bytes, ctx: object) -> None:
+            value = int(message)
+            if value < 0:
+                raise DeadLetter("NegativeAmount", "amount must be >= 0")
+            seen.append((self.session_id, value))
+
+    p = make_provider(namespace)
+    try:
+        for i in range(6):
+            await p.send("orders", [msg(s, str(i if (s, i) != ("b", 3) else -1).encode()) for s in "abc"])
+        supervisor = Supervisor(
+            p,
+            Actor,
+            SupervisorConfig(
+                queue="orders", session_idle_timeout=0.3, receive_timeout=0.3, max_concurrent_sessions=3
+            ),
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.serve)
+            with trio.fail_after(15):
+                while supervisor.stats().completed + supervisor.stats().dead_lettered < 18:
+                    await trio.sleep(0.05)
+            supervisor.stop()
+        for s in "abc":
+            expected = [i for i in range(6) if (s, i) != ("b", 3)]
+            assert [v for sid, v in seen if sid == s] == expected
+        (dead,) = await p.peek_dead_letters("orders")
+        assert (dead.dead_letter_reason, dead.session_id) == ("NegativeAmount", "b")
+    finally:
+        await p.aclose()
