@@ -662,6 +662,11 @@ def from_settings(cls, settings):
 
 servicebus.ServiceBusProvider.from_settings = classmethod(from_settings)
 
+# Speed only: two start-up attempts instead of five (the supervisor's retry schedule has its
+# own tests); what matters here is what the worker prints once it gives up.
+import queue_runtime.supervisor as supervisor_module
+supervisor_module.STARTUP_ATTEMPTS = 2
+
 
 class Actor(SessionActor[bytes]):
     async def handle(self, message, ctx):
