@@ -37,6 +37,7 @@ Not thread-safe: use one provider from one trio run (every call runs on the trio
 
 from __future__ import annotations
 
+import copy
 import heapq
 import itertools
 import math
@@ -45,7 +46,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
 
-import msgspec
 import trio
 
 from ..errors import (
@@ -75,6 +75,13 @@ FAULT_OPERATIONS: Final = (
 """Operations `InMemoryProvider.inject_fault` can make fail."""
 
 _State = Literal["scheduled", "pending", "delayed", "locked", "gone"]
+
+
+def _copy(message: Message) -> Message:
+    """A copy with its own properties dict (a shallow copy skips re-validation: it is fast)."""
+    duplicate = copy.copy(message)
+    duplicate.properties = dict(message.properties)
+    return duplicate
 
 
 class _Rec:
@@ -629,11 +636,9 @@ class InMemoryProvider(Provider):
         return self._received(rec, receipt=token)
 
     def _received(self, rec: _Rec, *, receipt: str) -> ReceivedMessage:
-        message = rec.message
         # Hand out a copy so a consumer mutating properties cannot change the stored message.
-        copy = msgspec.structs.replace(message, properties=dict(message.properties))
         return ReceivedMessage(
-            message=copy,
+            message=_copy(rec.message),
             receipt=receipt,
             delivery_count=rec.delivery_count,
             enqueued_at=self._to_wall(rec.enqueued_at),
@@ -694,7 +699,7 @@ class InMemoryProvider(Provider):
                 f" {self.max_queue_messages}: receive or purge before sending more"
             )
         for message in messages:
-            stored = msgspec.structs.replace(message, properties=dict(message.properties))
+            stored = _copy(message)  # the producer may reuse or change its object
             session: _Session | None = None
             if q.requires_session and message.session_id is not None:
                 session = q.sessions.get(message.session_id)
