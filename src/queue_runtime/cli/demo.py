@@ -109,13 +109,14 @@ def make_plan(sessions: int, events: int, seed: int) -> DemoPlan:
     rng = random.Random(seed)
     names = [f"order-{index:04d}" for index in range(1, sessions + 1)]
     total = sessions * events
-    slots = [(name, seq) for name in names for seq in range(events)]
     per_kind = max(1, total // 2000)
+    redelivered = rng.sample(names, min(len(names), max(1, per_kind // 2)))
+    # Each poisoned message is poisoned one way only: never a redelivered session's first one.
+    slots = [(name, seq) for name in names for seq in range(events) if seq or name not in redelivered]
     chosen = rng.sample(slots, min(len(slots), per_kind * 3))
     negative = set(chosen[:per_kind])
     undecodable = set(chosen[per_kind : 2 * per_kind])
     hopeless = set(chosen[2 * per_kind :])  # fails on every attempt: MaxAttemptsExceeded
-    redelivered = rng.sample(names, min(len(names), max(1, per_kind // 2)))
     bodies: dict[str, list[bytes]] = {}
     expected: dict[str, list[int]] = {}
     flaky = 0
