@@ -465,6 +465,33 @@ async def test_error_mapping_through_the_provider(
     await provider.send("orders", [msg("s")])
 
 
+async def test_failed_send_reopens_the_sender_not_the_client(
+    provider: ServiceBusProvider, namespace: FakeNamespace
+) -> None:
+    await provider.send("orders", [msg("s")])
+    namespace.inject_fault("send", sb.ServiceBusConnectionError())
+    with pytest.raises(errors.ConnectionFailed):
+        await provider.send("orders", [msg("s")])
+    await provider.send("orders", [msg("s")])
+    assert namespace.calls["open_sender"] == 2 and namespace.open_senders == 1
+    assert namespace.clients_created == 1
+
+
+async def test_managed_identity_builds_the_real_client_with_default_credential() -> None:
+    """No connection string: the real SDK client over azure-identity's DefaultAzureCredential,
+    built on the loop without I/O, and both closed with the provider."""
+    p = ServiceBusProvider(fully_qualified_namespace="acme.servicebus.windows.net", client_id="mi-client-id")
+    try:
+        client = await p._ensure_client()
+        assert type(client).__name__ == "ServiceBusClient"
+        assert client.fully_qualified_namespace == "acme.servicebus.windows.net"
+        assert type(p._owned_credential).__name__ == "DefaultAzureCredential"
+        assert "azure-identity" in repr(p)
+    finally:
+        await p.aclose()
+    assert not p.bridge.running
+
+
 def test_http_401_maps_to_authentication() -> None:
     exc = core.HttpResponseError(message="Unauthorized")
     exc.status_code = 401

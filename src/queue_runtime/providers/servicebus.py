@@ -505,6 +505,24 @@ class ServiceBusProvider(Provider):
                 biggest = max(self.message_size(m) for m in messages)
                 raise MessageTooLarge(biggest, limit, what="message (as encoded by the SDK)") from None
             raise
+        except QueueError:
+            # The sender may be broken (a shut-down handler does not recover): open a fresh
+            # one next time. The client, and so the connection, stays.
+            await self._drop_sender(queue, sender)
+            raise
+
+    async def _drop_sender(self, queue: str, sender: Any) -> None:
+        if self._senders.get(queue) is sender:
+            del self._senders[queue]
+
+        async def close() -> None:
+            await sender.close()
+
+        with trio.CancelScope(shield=True):
+            try:
+                await self._call("close_sender", queue, close)
+            except QueueError as exc:
+                logger.debug("closing a Service Bus sender failed: %s", exc.error_type)
 
     async def accept_session(self, queue: str, *, timeout: float) -> Receiver | None:
         """The next free session with messages, or None after ``timeout`` seconds (quietly)."""
