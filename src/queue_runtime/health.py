@@ -175,8 +175,9 @@ async def serve_endpoints(
 ) -> None:
     """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` until cancelled.
 
-    Use with ``port = await nursery.start(serve_endpoints, 9464, ready=...)``: ``port`` 0
-    picks a free port, and the port actually bound is what ``task_status.started`` reports.
+    Use with ``port = await nursery.start(partial(serve_endpoints, 9464, ready=...))``:
+    ``port`` 0 picks a free port, and the port actually bound is what ``task_status.started``
+    reports (with a host name that resolves to several addresses, the first listener's).
     ``ready`` and ``metrics`` are called in trio's thread, once per request; ``metrics``
     defaults to `render_metrics`. Every connection task lives in this function's nursery, so
     cancelling it closes the listener and every open connection; it never returns otherwise.
