@@ -61,13 +61,17 @@ if TYPE_CHECKING:
     from .providers.base import QueueStats
 
 __all__ = [
+    "INSTRUMENTATION_NAME",
     "LATENCY_BUCKETS",
+    "LOG_FIELDS",
     "MAX_LABEL_VALUES",
+    "MESSAGE_EVENT_LEVEL",
     "SESSION_BUCKETS",
     "JsonFormatter",
     "Telemetry",
     "TextFormatter",
     "configure_logging",
+    "error_type",
     "logger",
     "redact",
     "refresh_queue_stats",
