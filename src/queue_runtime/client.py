@@ -13,9 +13,9 @@ dead-lettered original is completed).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 import trio
@@ -28,10 +28,15 @@ from .telemetry import Telemetry
 if TYPE_CHECKING:
     from .config import Settings
 
-__all__ = ["REPLAYED_REASON_PROPERTY", "QueueClient", "ReplayResult", "open_client"]
+__all__ = ["REPLAYED_REASON_PROPERTY", "QueueClient", "ReplayOutcome", "ReplayResult", "open_client"]
 
 REPLAYED_REASON_PROPERTY = "x-replayed-dead-letter-reason"
 """Property added to a replayed message: the reason it had been dead-lettered for."""
+
+
+ReplayOutcome = Literal["replayed", "failed", "skipped"]
+"""What happened to one dead-lettered message in a replay pass (``"replayed"`` with ``dry_run``:
+it would have been)."""
 
 
 class ReplayResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -140,6 +145,7 @@ class QueueClient:
         max_messages: int | None = None,
         session_id: str | None = None,
         dry_run: bool = False,
+        on_message: Callable[[ReceivedMessage, ReplayOutcome], None] | None = None,
     ) -> ReplayResult:
         """Send dead-lettered messages of ``queue`` back to it, oldest first.
 
@@ -179,19 +185,24 @@ class QueueClient:
                         again = True
                         break
                     seen.add(key)
+                    outcome: ReplayOutcome
                     if session_id is not None and dead.session_id != session_id:
                         held.append(dead)
                         skipped += 1
-                        continue
-                    if dry_run:
+                        outcome = "skipped"
+                    elif dry_run:
                         held.append(dead)
                         replayed += 1
-                        continue
-                    if await self._replay_one(queue, receiver, dead):
+                        outcome = "replayed"
+                    elif await self._replay_one(queue, receiver, dead):
                         replayed += 1
+                        outcome = "replayed"
                     else:
                         held.append(dead)
                         failed += 1
+                        outcome = "failed"
+                    if on_message is not None:
+                        on_message(dead, outcome)
                 if again:
                     break
         finally:

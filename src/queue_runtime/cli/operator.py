@@ -1,0 +1,867 @@
+"""Operator commands: ``send``, ``dlq peek|export|replay|purge``, ``stats``, ``config show|validate``.
+
+Every command is configured like the worker (defaults < config file < environment < flags, see
+``docs/configuration.md``), opens the provider the configuration names, does one job inside
+one ``trio.run`` and closes the provider again. Output meant for people is a rich table;
+``--json`` gives scripts the same data. Errors are one line on stderr (exit 2 for usage and
+configuration, 1 for operational failures), never a traceback unless ``--debug``.
+
+Guarantees:
+
+* ``dlq peek`` and ``dlq export`` leave the dead-letter queue as it was (they peek).
+* ``dlq export`` writes a temporary file next to ``--out`` and renames it into place, so an
+  interrupted export (error, Ctrl-C) leaves no partial file behind.
+* ``dlq replay`` sends each copy before it removes the dead-lettered original
+  (`QueueClient.replay_dead_letters`), so a message is never lost; a failed send leaves the
+  message dead-lettered and makes the command exit 1.
+* Message bodies are never printed except by ``dlq export`` (into its file).
+
+Testing hook: the in-memory broker lives inside one process, and each command runs its own
+``trio.run``. `use_provider` makes every command in its ``with`` block use one given provider
+(not closed by the commands) and, optionally, one trio clock for every run, so a test can
+chain ``main([...])`` calls against one in-memory broker on one consistent clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
+
+from ..client import QueueClient, ReplayOutcome
+from ..errors import ConfigurationError, QueueError
+from ..message import Message, ReceivedMessage
+from .common import CommandError, Parser, add_config_flags, load_cli_settings
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from ..config import Settings
+    from ..providers.base import Provider, QueueStats
+
+__all__ = ["MAX_COUNT", "MAX_READ_BYTES", "export_record", "register", "use_provider"]
+
+T = TypeVar("T")
+
+#: Most copies ``send --count`` sends in one command (the ids are printed as chunks are sent).
+MAX_COUNT = 100_000
+#: Most bytes read for one body from ``--file`` or stdin; every provider's limit is lower.
+MAX_READ_BYTES = 16 * 1024 * 1024
+#: ``send --count`` sends in chunks of this many messages (QueueClient re-chunks to the
+#: provider's batch limits); bounds memory and lets ids be printed as they are sent.
+_SEND_CHUNK = 500
+#: ``dlq export`` default ``--max``: large enough for a day's dead letters, bounded because
+#: a peek holds every message in memory at once.
+EXPORT_DEFAULT_MAX = 10_000
+
+# --------------------------------------------------------------------------------------------
+# test hook and running
+
+
+class _Override:
+    __slots__ = ("clock", "provider")
+
+    def __init__(self, provider: Provider, clock: trio.abc.Clock | None) -> None:
+        self.provider = provider
+        self.clock = clock
+
+
+_override: _Override | None = None
+
+
+@contextlib.contextmanager
+def use_provider(provider: Provider, *, clock: trio.abc.Clock | None = None) -> Iterator[Provider]:
+    """Test-only: inside the block, every operator command uses ``provider`` instead of the one
+    the configuration names, and never closes it; with ``clock``, every command's
+    ``trio.run`` runs on that clock (the in-memory broker keeps its times on trio's clock, so
+    chained commands need one clock to agree on lock deadlines and enqueue times).
+
+    Not thread-safe and not reentrant: one block at a time.
+    """
+    global _override
+    if _override is not None:
+        raise RuntimeError("use_provider() blocks do not nest")
+    _override = _Override(provider, clock)
+    try:
+        yield provider
+    finally:
+        _override = None
+
+
+def _run(fn: Callable[[], Awaitable[T]]) -> T:
+    """Run ``fn`` in a fresh ``trio.run`` (on the test clock when one is set)."""
+
+    async def main() -> T:
+        return await fn()
+
+    clock = _override.clock if _override is not None else None
+    return trio.run(main, clock=clock)
+
+
+@contextlib.asynccontextmanager
+async def _open_provider(settings: Settings) -> AsyncIterator[Provider]:
+    """The configured provider, closed on exit (the test override is used as is, not closed)."""
+    if _override is not None:
+        yield _override.provider
+        return
+    from ..providers import create_provider
+
+    provider = create_provider(settings)
+    async with provider:
+        yield provider
+
+
+def _settings(args: argparse.Namespace, *, need_queue: bool = True) -> tuple[Settings, str]:
+    settings: Settings = load_cli_settings(args)
+    queue = settings.queue
+    if need_queue and queue is None:
+        raise CommandError("no queue given: pass --queue NAME or set QUEUE_NAME", 2)
+    return settings, queue or ""
+
+
+# --------------------------------------------------------------------------------------------
+# argument types
+
+
+def _int_type(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise argparse.ArgumentTypeError(f"expected an integer {bound}, got {text!r}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def parse_property(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` → ``(KEY, VALUE)``; the value may contain ``=`` and be empty."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value
+
+
+parse_property.__name__ = "property"
+
+
+# --------------------------------------------------------------------------------------------
+# output helpers
+
+
+def _console(*, stderr: bool = False) -> Console:
+    from rich.console import Console
+
+    # Off a terminal rich would wrap at 80 columns: give tables room, keep colours off.
+    return Console(stderr=stderr, soft_wrap=False, width=None if _is_tty(stderr) else 200)
+
+
+def _is_tty(stderr: bool = True) -> bool:
+    stream = sys.stderr if stderr else sys.stdout
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def _progress(description: str, total: int | None) -> Iterator[Callable[[int], None] | None]:
+    """A transient rich progress bar on stderr when it is a terminal; yields ``advance(n)`` or
+    None (no terminal: scripts and logs get no control characters)."""
+    if not _is_tty():
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress: Progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=_console(stderr=True),
+        transient=True,
+    )
+    with progress:
+        task = progress.add_task(description, total=total)
+
+        def advance(count: int) -> None:
+            progress.advance(task, count)
+
+        yield advance
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def export_record(dead: ReceivedMessage, *, body: bool = True) -> dict[str, Any]:
+    """One dead-lettered message as JSON-able data (what ``dlq export`` writes per line).
+
+    The body is text when it is valid UTF-8 (``"body_encoding": "utf-8"``), else base64
+    (``"body_encoding": "base64"``). With ``body=False`` only its size is given
+    (``dlq peek --json``).
+    """
+    message = dead.message
+    record: dict[str, Any] = {
+        "message_id": message.message_id,
+        "session_id": message.session_id,
+        "correlation_id": message.correlation_id,
+        "reason": dead.dead_letter_reason,
+        "description": dead.dead_letter_description,
+        "delivery_count": dead.delivery_count,
+        "enqueued_at": _iso(dead.enqueued_at),
+        "sequence_number": dead.sequence_number,
+        "content_type": message.content_type,
+        "properties": dict(message.properties),
+        "body_size": len(message.body),
+    }
+    if body:
+        try:
+            record["body"] = message.body.decode("utf-8")
+            record["body_encoding"] = "utf-8"
+        except UnicodeDecodeError:
+            record["body"] = base64.b64encode(message.body).decode("ascii")
+            record["body_encoding"] = "base64"
+    return record
+
+
+def record_body(record: dict[str, Any]) -> bytes:
+    """The body bytes of an `export_record` (the inverse of its body encoding)."""
+    text = record["body"]
+    if record.get("body_encoding") == "base64":
+        return base64.b64decode(text, validate=True)
+    return str(text).encode("utf-8")
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
+def _count(value: int | None) -> str:
+    return "unknown" if value is None else str(value)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _epilog(*lines: str) -> str:
+    return "Example:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _subparser(subparsers: Any, name: str, help_text: str, epilog: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        name,
+        help=help_text,
+        description=help_text[0].upper() + help_text[1:] + ".",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+# send
+
+
+def _read_body(args: argparse.Namespace) -> bytes:
+    if args.body is not None:
+        return str(args.body).encode("utf-8")
+    if args.file is not None and args.file != "-":
+        path = Path(args.file)
+        try:
+            with path.open("rb") as handle:
+                data = handle.read(MAX_READ_BYTES + 1)
+        except OSError as error:
+            raise CommandError(f"cannot read --file {str(path)!r}: {error.strerror or error}", 2) from None
+    else:
+        stdin = sys.stdin
+        if stdin is None or (args.file is None and _stdin_is_tty(stdin)):
+            raise CommandError("no message body: give --body TEXT, --file PATH, or pipe it on stdin", 2)
+        buffer = getattr(stdin, "buffer", None)
+        data = buffer.read(MAX_READ_BYTES + 1) if buffer is not None else stdin.read().encode("utf-8")
+    if len(data) > MAX_READ_BYTES:
+        raise CommandError(f"the message body is over {MAX_READ_BYTES} bytes", 2)
+    return bytes(data)
+
+
+def _stdin_is_tty(stdin: Any) -> bool:
+    try:
+        return bool(stdin.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _cmd_send(args: argparse.Namespace) -> int:
+    settings, queue = _settings(args)
+    properties: dict[str, str] = {}
+    for key, value in args.property:
+        if key in properties:
+            raise CommandError(f"--property {key!r} is given more than once", 2)
+        properties[key] = value
+    body = _read_body(args)
+    # Build (and so validate) every message before anything is sent.
+    template = Message(
+        body=body,
+        session_id=args.session_id,
+        correlation_id=args.correlation_id,
+        properties=properties,
+        content_type=args.content_type,
+    )
+
+    def copies(count: int) -> list[Message]:
+        return [
+            Message(
+                body=body,
+                session_id=template.session_id,
+                correlation_id=template.correlation_id,
+                properties=dict(properties),
+                content_type=template.content_type,
+            )
+            for _ in range(count)
+        ]
+
+    async def send() -> None:
+        async with _open_provider(settings) as provider:
+            client = QueueClient(provider)
+            remaining = args.count
+            first = True
+            while remaining:
+                chunk = [template] if first else []
+                chunk += copies(min(remaining, _SEND_CHUNK) - len(chunk))
+                first = False
+                await client.send_batch(queue, chunk)
+                # Printed only once sent: the ids on stdout are exactly the messages sent.
+                print("\n".join(message.message_id for message in chunk), flush=True)
+                remaining -= len(chunk)
+
+    _run(send)
+    if settings.provider == "memory" and _override is None:
+        print(
+            "queue-runtime: note: the memory provider keeps messages inside this process only;"
+            " set QUEUE_PROVIDER (aws, azure) to send to a broker",
+            file=sys.stderr,
+        )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# dlq peek / export / replay / purge
+
+
+def _cmd_dlq_peek(args: argparse.Namespace) -> int:
+    settings, queue = _settings(args)
+
+    async def peek() -> list[ReceivedMessage]:
+        async with _open_provider(settings) as provider:
+            return await QueueClient(provider).peek_dead_letters(queue, args.max)
+
+    messages = _run(peek)
+    if args.json:
+        _print_json([export_record(dead, body=False) for dead in messages])
+        return 0
+    if not messages:
+        print(f"no dead-lettered messages in {queue!r}")
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"dead letters of {queue!r} (oldest first, {len(messages)} shown)")
+    for column in ("message id", "session id", "reason", "description", "deliveries", "enqueued"):
+        table.add_column(column, overflow="fold")
+    for dead in messages:
+        table.add_row(
+            dead.message_id,
+            dead.session_id or "",
+            dead.dead_letter_reason or "",
+            dead.dead_letter_description or "",
+            str(dead.delivery_count),
+            _iso(dead.enqueued_at) or "",
+        )
+    _console().print(table)
+    return 0
+
+
+def _cmd_dlq_export(args: argparse.Namespace) -> int:
+    settings, queue = _settings(args)
+    out = Path(args.out)
+    if out.is_dir():
+        raise CommandError(f"--out {str(out)!r} is a directory: give a file name", 2)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise CommandError(f"--out {str(out)!r}: the directory {str(parent)!r} does not exist", 2)
+
+    async def peek() -> list[ReceivedMessage]:
+        async with _open_provider(settings) as provider:
+            return await QueueClient(provider).peek_dead_letters(queue, args.max)
+
+    with _progress(f"reading dead letters of {queue}", None):
+        messages = _run(peek)
+    with _progress(f"exporting to {out.name}", len(messages)) as advance:
+        _write_atomically(out, messages, advance)
+    more = " (the --max limit: there may be more)" if len(messages) >= args.max else ""
+    print(f"exported {len(messages)} dead-lettered messages of {queue!r} to {str(out)!r}{more}")
+    return 0
+
+
+def _write_atomically(
+    out: Path, messages: Sequence[ReceivedMessage], advance: Callable[[int], None] | None
+) -> None:
+    """Write one JSON line per message to a temporary file beside ``out``, then rename it into
+    place; on any failure (Ctrl-C included) the temporary file is removed and ``out`` is
+    untouched. The file is created readable by its owner only: it holds message bodies."""
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        fd, temp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=parent)
+    except OSError as error:
+        raise CommandError(f"cannot write to {str(parent)!r}: {error.strerror or error}", 1) from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            for index, dead in enumerate(messages):
+                line = json.dumps(export_record(dead), ensure_ascii=False, separators=(",", ":"))
+                handle.write(line.encode("utf-8") + b"\n")
+                if advance is not None and (index % 100 == 99 or index == len(messages) - 1):
+                    advance(index % 100 + 1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, out)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        if isinstance(error, OSError):
+            raise CommandError(f"cannot write {str(out)!r}: {error.strerror or error}", 1) from None
+        raise
+
+
+def _cmd_dlq_replay(args: argparse.Namespace) -> int:
+    settings, queue = _settings(args)
+    failed_ids: list[str] = []
+
+    async def replay(advance: Callable[[int], None] | None) -> Any:
+        async with _open_provider(settings) as provider:
+            client = QueueClient(provider)
+
+            def on_message(dead: ReceivedMessage, outcome: ReplayOutcome) -> None:
+                if outcome == "failed":
+                    failed_ids.append(dead.message_id)
+                if args.dry_run and outcome == "replayed":
+                    print(
+                        f"would replay {dead.message_id} session={dead.session_id or '-'}"
+                        f" reason={dead.dead_letter_reason or '-'}",
+                        flush=True,
+                    )
+                if advance is not None and outcome != "skipped":
+                    advance(1)
+
+            return await client.replay_dead_letters(
+                queue,
+                max_messages=args.max,
+                session_id=args.session_id,
+                dry_run=args.dry_run,
+                on_message=on_message,
+            )
+
+    total = _dead_letter_depth(settings, queue, args.max) if _is_tty() else None
+    verb = "checking" if args.dry_run else "replaying"
+    with _progress(f"{verb} dead letters of {queue}", total) as advance:
+        result = _run(lambda: replay(advance))
+    for message_id in failed_ids:
+        print(f"failed {message_id} (it stays dead-lettered)")
+    label = "would replay" if args.dry_run else "replayed"
+    print(f"{label} {result.replayed}, failed {result.failed}, skipped {result.skipped}")
+    if result.failed:
+        raise CommandError(
+            f"{result.failed} dead-lettered message(s) of {queue!r} could not be sent back and stay"
+            " dead-lettered; fix the cause and run dlq replay again",
+            1,
+        )
+    return 0
+
+
+def _dead_letter_depth(settings: Settings, queue: str, limit: int | None) -> int | None:
+    """The DLQ depth for the progress bar's total, where the provider knows it cheaply."""
+
+    async def depth() -> int | None:
+        async with _open_provider(settings) as provider:
+            return (await provider.queue_stats(queue)).dead_letter
+
+    try:
+        known = _run(depth)
+    except QueueError:
+        return None  # only for the bar: the replay itself reports real problems
+    if known is None:
+        return None
+    return min(known, limit) if limit is not None else known
+
+
+def _cmd_dlq_purge(args: argparse.Namespace) -> int:
+    if not args.yes:
+        raise CommandError("dlq purge deletes every dead-lettered message for good: add --yes to confirm", 2)
+    settings, queue = _settings(args)
+
+    async def purge() -> int:
+        async with _open_provider(settings) as provider:
+            provider.validate_queue_name(queue)
+            return await provider.purge_dead_letters(queue)
+
+    removed = _run(purge)
+    print(f"purged {removed} dead-lettered messages of {queue!r}")
+    return 0
+
+
+def _needs_subcommand(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        raise CommandError(f"choose a subcommand (see: {parser.prog} --help)", 2)
+
+    return handler
+
+
+# --------------------------------------------------------------------------------------------
+# stats
+
+
+def stats_record(stats: QueueStats) -> dict[str, Any]:
+    """`QueueStats` as the JSON ``stats --json`` prints (None where the provider cannot tell)."""
+    return {
+        "queue": stats.queue,
+        "depth": stats.active,
+        "in_flight": stats.in_flight,
+        "scheduled": stats.scheduled,
+        "dead_letter": stats.dead_letter,
+        "oldest_message_age_seconds": stats.oldest_message_age,
+    }
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    settings, queue = _settings(args)
+
+    async def stats() -> QueueStats:
+        async with _open_provider(settings) as provider:
+            provider.validate_queue_name(queue)
+            return await provider.queue_stats(queue)
+
+    result = _run(stats)
+    if args.json:
+        _print_json(stats_record(result))
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"queue {result.queue!r} ({settings.provider})", show_header=False)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_row("depth (waiting)", _count(result.active))
+    table.add_row("in flight (locked)", _count(result.in_flight))
+    table.add_row("scheduled", _count(result.scheduled))
+    table.add_row("dead-letter depth", _count(result.dead_letter))
+    table.add_row("oldest message age", _age(result.oldest_message_age))
+    _console().print(table)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# config show / validate
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _source_label(source: str) -> str:
+    # The loader calls keyword arguments "argument": on the command line those are flags.
+    return "flag" if source == "argument" else source
+
+
+def config_rows(settings: Settings) -> list[tuple[str, Any, str]]:
+    """``(dotted key, value, source)`` for every setting; secrets as ``"**********"``."""
+    values = _flatten(settings.redacted())
+    sources = settings.sources
+    return [(key, values.get(key), _source_label(sources[key])) for key in sorted(sources)]
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    settings, _ = _settings(args, need_queue=False)
+    rows = config_rows(settings)
+    if args.json:
+        _print_json({key: {"value": value, "source": source} for key, value, source in rows})
+        return 0
+    from rich.table import Table
+
+    table = Table(title="effective configuration (secrets masked)")
+    table.add_column("key", overflow="fold")
+    table.add_column("value", overflow="fold")
+    table.add_column("source", overflow="fold")
+    for key, value, source in rows:
+        shown = "(not set)" if value is None else value if isinstance(value, str) else json.dumps(value)
+        table.add_row(key, shown, source)
+    _console().print(table)
+    return 0
+
+
+def config_problems(args: argparse.Namespace) -> tuple[Settings | None, list[str]]:
+    """Everything that stops this configuration from running a worker, one line each."""
+    try:
+        settings: Settings = load_cli_settings(args)
+    except ConfigurationError as error:
+        return None, [error.message]
+    problems: list[str] = []
+    if settings.queue is None:
+        problems.append("queue is not set: pass --queue, set QUEUE_NAME, or set 'queue' in the config file")
+    else:
+        try:
+            settings.supervisor_config()
+        except ConfigurationError as error:
+            problems.append(error.message)
+        if (
+            settings.provider == "aws"
+            and "://" not in settings.queue
+            and not settings.queue.endswith(".fifo")
+        ):
+            problems.append(
+                f"queue {settings.queue!r} is not a FIFO queue: on SQS the worker needs a .fifo queue"
+                " (its message groups are the sessions)"
+            )
+    if _override is None:
+        problems.extend(_provider_problems(settings))
+    return settings, problems
+
+
+def _provider_problems(settings: Settings) -> list[str]:
+    from ..providers import create_provider
+
+    try:
+        provider = create_provider(settings)
+    except ConfigurationError as error:
+        return [error.message]
+    # Built, never connected: closing releases whatever the constructor set up.
+    with contextlib.suppress(QueueError):
+        _run(provider.aclose)
+    if settings.provider == "aws" and settings.aws.region is None:
+        region = _botocore_region(settings.aws.profile)
+        if isinstance(region, str) and region.startswith("!"):
+            return [region[1:]]
+        if region is None:
+            return ["aws.region is not set: set AWS_REGION or aws.region in the config file"]
+    return []
+
+
+def _botocore_region(profile: str | None) -> str | None:
+    """The region of the profile in the shared AWS config file, read locally (no instance
+    metadata lookup), or ``!problem`` for a missing profile."""
+    try:
+        import botocore.exceptions
+        import botocore.session
+    except ImportError:
+        return "unknown"  # create_provider has already reported the missing extra
+    try:
+        scoped = botocore.session.Session(profile=profile).get_scoped_config()
+    except botocore.exceptions.ProfileNotFound:
+        return f"!AWS profile {profile!r} is not found in the shared AWS config files"
+    except Exception:
+        return "unknown"  # let the worker's own start-up report it
+    region = scoped.get("region")
+    return str(region) if region else None
+
+
+def _cmd_config_validate(args: argparse.Namespace) -> int:
+    from ..telemetry import redact
+
+    settings, problems = config_problems(args)
+    if problems:
+        for problem in problems:
+            print(f"queue-runtime: problem: {redact(' '.join(problem.split()))}", file=sys.stderr)
+        return 1
+    assert settings is not None
+    print(f"configuration is valid: provider {settings.provider!r}, queue {settings.queue!r}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# registration
+
+
+def register(subparsers: Any) -> None:
+    """Add ``send``, ``dlq``, ``stats`` and ``config`` to the ``queue-runtime`` parser."""
+    _register_send(subparsers)
+    _register_dlq(subparsers)
+    _register_stats(subparsers)
+    _register_config(subparsers)
+
+
+def _register_send(subparsers: Any) -> None:
+    send = _subparser(
+        subparsers,
+        "send",
+        "send a message (or --count copies) and print each message id",
+        _epilog(
+            "queue-runtime send --queue orders --session-id order-1 \\",
+            '    --body \'{"order_id": "order-1", "kind": "created"}\' --content-type application/json',
+            "echo -n hello | queue-runtime send -q orders --session-id s1 --property tenant=acme",
+        ),
+    )
+    add_config_flags(send)
+    send.add_argument(
+        "--session-id", "-s", help="session id (SQS: message group id); required on session queues"
+    )
+    body = send.add_mutually_exclusive_group()
+    body.add_argument("--body", "-b", help="the body as text (UTF-8)")
+    body.add_argument("--file", "-f", metavar="PATH", help="read the body from a file ('-' = stdin)")
+    send.add_argument(
+        "--property",
+        "-p",
+        type=parse_property,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an application property (repeatable)",
+    )
+    send.add_argument("--correlation-id", help="correlation id")
+    send.add_argument("--content-type", help="content type, e.g. application/json")
+    send.add_argument(
+        "--count",
+        "-n",
+        type=_int_type(1, MAX_COUNT),
+        default=1,
+        help=f"send N copies, each with its own message id (1-{MAX_COUNT})",
+    )
+    send.set_defaults(handler=_cmd_send)
+
+
+def _register_dlq(subparsers: Any) -> None:
+    dlq = _subparser(
+        subparsers,
+        "dlq",
+        "inspect, export, replay or purge a queue's dead-letter queue",
+        _epilog(
+            "queue-runtime dlq peek --queue orders",
+            "queue-runtime dlq export --queue orders --out orders-dlq.jsonl",
+            "queue-runtime dlq replay --queue orders --dry-run",
+        ),
+    )
+    dlq.set_defaults(handler=_needs_subcommand(dlq))
+    commands = dlq.add_subparsers(title="dlq commands", metavar="COMMAND", parser_class=Parser)
+
+    peek = _subparser(
+        commands,
+        "peek",
+        "show dead-lettered messages (oldest first) without removing them",
+        _epilog(
+            "queue-runtime dlq peek --queue orders --max 50", "queue-runtime dlq peek -q orders --json | jq ."
+        ),
+    )
+    add_config_flags(peek)
+    peek.add_argument("--max", type=_int_type(1), default=32, help="show at most N messages (default 32)")
+    peek.add_argument("--json", action="store_true", help="a JSON array for scripts (no bodies)")
+    peek.set_defaults(handler=_cmd_dlq_peek)
+
+    export = _subparser(
+        commands,
+        "export",
+        "write dead-lettered messages to a JSON-lines file, leaving the dead-letter queue intact",
+        _epilog("queue-runtime dlq export --queue orders --out orders-dlq-$(date +%F).jsonl"),
+    )
+    add_config_flags(export)
+    export.add_argument("--out", "-o", required=True, metavar="FILE.jsonl", help="the file to write")
+    export.add_argument(
+        "--max",
+        type=_int_type(1),
+        default=EXPORT_DEFAULT_MAX,
+        help=f"export at most N messages (default {EXPORT_DEFAULT_MAX})",
+    )
+    export.set_defaults(handler=_cmd_dlq_export)
+
+    replay = _subparser(
+        commands,
+        "replay",
+        "send dead-lettered messages back to their queue, then remove them from the dead-letter queue",
+        _epilog(
+            "queue-runtime dlq replay --queue orders --dry-run",
+            "queue-runtime dlq replay --queue orders --session-id order-42",
+            "queue-runtime dlq replay --queue orders --max 100",
+        ),
+    )
+    add_config_flags(replay)
+    replay.add_argument("--max", type=_int_type(1), default=None, help="replay at most N messages")
+    replay.add_argument("--session-id", "-s", help="replay only this session's messages")
+    replay.add_argument("--dry-run", action="store_true", help="list what would be replayed; change nothing")
+    replay.set_defaults(handler=_cmd_dlq_replay)
+
+    purge = _subparser(
+        commands,
+        "purge",
+        "delete every dead-lettered message of a queue for good (needs --yes)",
+        _epilog("queue-runtime dlq purge --queue orders --yes"),
+    )
+    add_config_flags(purge)
+    purge.add_argument("--yes", action="store_true", help="confirm: the messages cannot be recovered")
+    purge.set_defaults(handler=_cmd_dlq_purge)
+
+
+def _register_stats(subparsers: Any) -> None:
+    stats = _subparser(
+        subparsers,
+        "stats",
+        "show a queue's depth, in-flight, scheduled and dead-letter counts and oldest message age",
+        _epilog("queue-runtime stats --queue orders", "queue-runtime stats -q orders --json"),
+    )
+    add_config_flags(stats)
+    stats.add_argument("--json", action="store_true", help="JSON for scripts (null where unknown)")
+    stats.set_defaults(handler=_cmd_stats)
+
+
+def _register_config(subparsers: Any) -> None:
+    config = _subparser(
+        subparsers,
+        "config",
+        "show or validate the effective configuration",
+        _epilog("queue-runtime config show", "queue-runtime config validate --config config.toml"),
+    )
+    config.set_defaults(handler=_needs_subcommand(config))
+    commands = config.add_subparsers(title="config commands", metavar="COMMAND", parser_class=Parser)
+
+    show = _subparser(
+        commands,
+        "show",
+        "print every effective setting and where it came from (default, file, env, flag); secrets masked",
+        _epilog(
+            "QUEUE_PROVIDER=aws queue-runtime config show --queue orders.fifo",
+            "queue-runtime config show --json",
+        ),
+    )
+    add_config_flags(show)
+    show.add_argument("--json", action="store_true", help="JSON: {key: {value, source}}")
+    show.set_defaults(handler=_cmd_config_show)
+
+    validate = _subparser(
+        commands,
+        "validate",
+        "check that the configuration loads and is complete for a worker (exit 0), else list the"
+        " problems (exit 1)",
+        _epilog("queue-runtime config validate --config config.toml --queue orders"),
+    )
+    add_config_flags(validate)
+    validate.set_defaults(handler=_cmd_config_validate)
