@@ -156,6 +156,12 @@ class CircuitBreaker:
                 self._on_change(state)
 
     @property
+    def last_state(self) -> BreakerState:
+        """The state as of the last call, without consulting trio's clock: safe to read from
+        another thread (a metrics exporter's), where ``state`` would fail."""
+        return self._state
+
+    @property
     def open_until(self) -> float | None:
         return self._opened_at + self.open_duration if self.state is BreakerState.OPEN else None
 

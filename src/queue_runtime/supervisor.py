@@ -142,7 +142,7 @@ class Supervisor:
         self.queue_info: QueueInfo | None = None
         self.telemetry.observe_gauges(
             active_sessions=lambda: len(self._runtime.sessions),
-            breaker_state=lambda: int(self._breaker.state),
+            breaker_state=lambda: int(self._breaker.last_state),
         )
 
     # -- control -----------------------------------------------------------------------------

@@ -165,7 +165,8 @@ class ActorHarness(Generic[A]):
         if isinstance(body, Message):
             message = body
         elif isinstance(body, (bytes, str)):
-            message = Message(body, session_id=session_id, **fields)
+            raw = body.encode("utf-8") if isinstance(body, str) else body
+            message = Message(raw, session_id=session_id, **fields)
         else:
             message = Message.json(body, session_id=session_id, **fields)
         await self.provider.send(QUEUE, [message])
