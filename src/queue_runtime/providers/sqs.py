@@ -19,8 +19,9 @@ Sessions (FIFO queues, ``.fifo``)
 
 The lock
     A group's lock is the visibility of its in-flight messages. Each message's visibility
-    deadline is tracked on trio's clock from the start of the receive call (so it is never
-    later than SQS's). SQS accepts a delete with a stale receipt without error, so a message
+    deadline is tracked on trio's clock from the earliest moment SQS may have picked it (the
+    receive's response time less `RESPONSE_MARGIN`, never before the request), so it is not
+    later than SQS's. SQS accepts a delete with a stale receipt without error, so a message
     whose local deadline has passed is a lost lock: it is never completed.
     ``renew_lock`` extends every message the receiver holds (buffered, handed out, completed
     but not yet deleted) with ``ChangeMessageVisibilityBatch``, within the 12-hour cap.
@@ -62,12 +63,14 @@ import trio
 
 from ..errors import (
     ConfigurationError,
+    ConnectionFailed,
     InvalidReceipt,
     MessageLockLost,
     MessageTooLarge,
     NotSupported,
     QueueError,
     SessionLockLost,
+    Timeout,
     ValidationError,
 )
 from ..message import Message, ReceivedMessage
@@ -138,6 +141,23 @@ class _QueueState:
     pending: dict[str, _Pending] = field(default_factory=dict)
     receivers: dict[str, SqsSessionReceiver] = field(default_factory=dict)
     deletes: list[_Record] = field(default_factory=list)
+
+
+#: How long before a receive's response arrives SQS may have picked its messages (and
+#: started their visibility clock). A long poll can wait up to 20 s before a message comes,
+#: so the request's start would make deadlines far too early; the response's arrival minus
+#: this margin is a safe bound unless the response takes longer than this to reach us.
+RESPONSE_MARGIN: Final = 1.0
+
+
+#: One botocore session per profile for the process: a session loads and caches the service
+#: model and endpoint rules (about a second per new session) and the resolved credential chain.
+_SESSIONS: dict[str | None, Any] = {}
+
+
+def _selected_at(requested: float, responded: float) -> float:
+    """The earliest moment SQS may have started the visibility clock of a receive's messages."""
+    return max(requested, responded - RESPONSE_MARGIN)
 
 
 def _name_of(queue: str) -> str:
@@ -294,7 +314,10 @@ class SqsProvider(Provider):
     async def _open_client(self) -> Any:
         from aiobotocore.session import AioSession
 
-        session = AioSession(profile=self._profile) if self._profile else AioSession()
+        session = _SESSIONS.get(self._profile)
+        if session is None:
+            session = AioSession(profile=self._profile) if self._profile else AioSession()
+            _SESSIONS[self._profile] = session
         config = self._config()
         # The session's default config decides which async primitives its credential
         # providers use: set it so refreshable credentials use anyio locks, not asyncio's.
@@ -676,10 +699,16 @@ class SqsProvider(Provider):
                 log.warning(
                     "deleting completed messages of %s failed before a receive: %s", state.meta.name, exc
                 )
-            if state.attempt_id is None:
+            vt = self._lock_seconds(state.meta)
+            if state.attempt_id is None or trio.current_time() - state.attempt_started > vt / 2:
+                # A retried attempt returns the original messages with their original
+                # visibility clock: reuse it only while that clock has time left.
                 state.attempt_id = uuid.uuid4().hex
                 state.attempt_started = trio.current_time()
-            started = state.attempt_started
+                reused = False
+            else:
+                reused = True
+            requested = state.attempt_started if reused else trio.current_time()
             await self._tidy_pending(state)
             wait = min(self._wait_time, int(max(remaining, 0.0)))
             if state.pending:
@@ -694,11 +723,17 @@ class SqsProvider(Provider):
                     attempt_id=state.attempt_id if state.meta.fifo else None,
                 )
             except QueueError as exc:
-                if not exc.transient:
-                    state.attempt_id = None  # a retry with it cannot help
+                # Reused only after a network failure, where SQS may have received for us.
+                if not isinstance(exc, (ConnectionFailed, Timeout)):
+                    state.attempt_id = None
+                raise
+            except trio.Cancelled:
+                # Cancelled by our caller's deadline, not a failure: the next poll starts afresh
+                # (a reused id could hand back an empty result for 5 minutes).
+                state.attempt_id = None
                 raise
             state.attempt_id = None
-            live, expired = self._records(state.meta, raws, started)
+            live, expired = self._records(state.meta, raws, _selected_at(requested, trio.current_time()))
             for record in expired:
                 record.state = _State.DELETING
                 state.deletes.append(record)
@@ -1203,13 +1238,15 @@ class SqsQueueReceiver(_ReceiverBase):
         deadline = trio.current_time() + max(timeout, 0.0)
         while True:
             remaining = deadline - trio.current_time()
-            started = trio.current_time()
+            requested = trio.current_time()
             raws = await self._provider._receive_raw(
                 self._meta,
                 max_messages=max_messages,
                 wait=min(self._provider._wait_time, int(max(remaining, 0))),
             )
-            live, expired = self._provider._records(self._meta, raws, started)
+            live, expired = self._provider._records(
+                self._meta, raws, _selected_at(requested, trio.current_time())
+            )
             for record in expired:
                 record.state = _State.DELETING
                 state.deletes.append(record)
