@@ -172,7 +172,8 @@ class QueueClient:
         receiver = await provider.open_receiver(queue, dead_letter=True)
         try:
             while max_messages is None or replayed < max_messages:
-                batch = await receiver.receive(batch_size, timeout=0.0)
+                want = batch_size if max_messages is None else min(batch_size, max_messages - replayed)
+                batch = await receiver.receive(want, timeout=0.0)
                 if not batch:
                     break
                 again = False
