@@ -174,6 +174,21 @@ async def test_dead_letter_with_reason_then_purge(provider: ServiceBusProvider) 
     assert await provider.peek_dead_letters("orders") == []
 
 
+async def test_peek_dead_letters_pages_and_is_bounded(provider: ServiceBusProvider) -> None:
+    await provider.send("orders", [msg("s", str(i).encode()) for i in range(7)])
+    receiver = await provider.accept_session("orders", timeout=1)
+    assert receiver is not None
+    for m in await receiver.receive(7, 1):
+        await receiver.dead_letter(m, f"R{m.message.body.decode()}")
+    await receiver.aclose()
+    five = await provider.peek_dead_letters("orders", max_messages=5)
+    assert [m.dead_letter_reason for m in five] == [f"R{i}" for i in range(5)]
+    everything = await provider.peek_dead_letters("orders", max_messages=100)
+    assert [m.message.body for m in everything] == [str(i).encode() for i in range(7)]
+    # Peeking leaves them in place.
+    assert len(await provider.peek_dead_letters("orders")) == 7
+
+
 async def test_non_session_queue_message_lock(provider: ServiceBusProvider, namespace: FakeNamespace) -> None:
     await provider.send("plain", [msg(None, b"p")])
     with pytest.raises(errors.NotSupported):

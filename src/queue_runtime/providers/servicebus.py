@@ -614,7 +614,23 @@ class ServiceBusProvider(Provider):
             sdk_receiver = receiver._sdk
 
             async def peek() -> list[Any]:
-                return list(await sdk_receiver.peek_messages(max_message_count=max_messages))
+                # The service may return fewer than asked per call: page by sequence number.
+                out: list[Any] = []
+                next_sequence = 0
+                while len(out) < max_messages:
+                    batch = list(
+                        await sdk_receiver.peek_messages(
+                            max_message_count=max_messages - len(out), sequence_number=next_sequence
+                        )
+                    )
+                    if not batch:
+                        break
+                    out.extend(batch)
+                    last = batch[-1].sequence_number
+                    if last is None:
+                        break
+                    next_sequence = last + 1
+                return out
 
             peeked = await self._call("peek_dead_letters", queue, peek)
         return [_to_received(m, receipt="") for m in peeked]
