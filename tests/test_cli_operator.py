@@ -604,3 +604,24 @@ def test_sqs_operator_session(sqs_env: str, run: Run, tmp_path: Path) -> None:
     for message in back:
         assert message.message.properties["origin"] == "cli"
         assert message.message.properties[REPLAYED_REASON_PROPERTY] == "BadBody"
+
+
+def test_progress_bars_on_a_terminal_do_not_change_results(
+    broker: Broker, run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dead_letter_some(broker, "orders")
+    totals: list[int | None] = []
+    real = op._progress
+
+    def recording(description: str, total: int | None) -> Any:
+        totals.append(total)
+        return real(description, total)
+
+    monkeypatch.setattr(op, "_is_tty", lambda stderr=True: stderr)  # stderr "is" a terminal
+    monkeypatch.setattr(op, "_progress", recording)
+    code, out, _ = run("dlq", "export", "-q", "orders", "--out", str(tmp_path / "d.jsonl"))
+    assert code == 0 and len((tmp_path / "d.jsonl").read_text().splitlines()) == 3
+    code, out, _ = run("dlq", "replay", "-q", "orders", "--max", "2")
+    assert (code, out.splitlines()[-1]) == (0, "replayed 2, failed 0, skipped 0")
+    assert totals == [None, 3, 2]  # reading (unknown), writing 3 lines, replaying min(depth, --max)
+    assert broker.stats("orders").dead_letter == 1
