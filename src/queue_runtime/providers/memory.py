@@ -167,6 +167,7 @@ class _Session:
         "in_flight",
         "lock_until",
         "pending",
+        "ready_seq",
         "scheduled",
         "state",
         "waiters",
@@ -181,6 +182,7 @@ class _Session:
         self.holder: _SessionReceiver | None = None
         self.lock_until = 0.0
         self.epoch = 0  # bumped at every accept/release, to tell stale lock timers apart
+        self.ready_seq: int | None = None  # head seq of this session's live entry in the ready heap
         self.scheduled = 0
         self.state: bytes | None = None
         self.waiters = _Waiters()
@@ -591,7 +593,10 @@ class InMemoryProvider(Provider):
             if not session.in_flight and session.scheduled == 0 and session.state is None:
                 queue.sessions.pop(session.id, None)  # forget empty sessions: bounded memory
             return
-        if head.visible_at <= now:
+        if head.visible_at <= now and session.ready_seq != head.seq:
+            # One live entry per ready session (keyed by its head), so sends to a session that
+            # is already waiting cost nothing here.
+            session.ready_seq = head.seq
             heapq.heappush(queue.ready, (head.seq, session.id))
             queue.waiters.notify()
 
@@ -614,13 +619,16 @@ class InMemoryProvider(Provider):
         while ready:
             seq, session_id = heapq.heappop(ready)
             session = queue.sessions.get(session_id)
-            if session is None or session.holder is not None:
-                continue
+            if session is None or session.holder is not None or session.ready_seq != seq:
+                continue  # a stale entry
+            session.ready_seq = None
             head = self._head(session)
             if head is None or head.visible_at > now:
-                continue
+                continue  # re-entered by _session_changed when it has something again
             if head.seq != seq:
-                heapq.heappush(ready, (head.seq, session_id))  # its head changed: keep its turn right
+                # Its head changed (an earlier message came back): queue it by the new head.
+                session.ready_seq = head.seq
+                heapq.heappush(ready, (head.seq, session_id))
                 continue
             return session
         return None
