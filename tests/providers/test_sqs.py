@@ -301,6 +301,88 @@ async def test_abandon_with_delay_keeps_the_group_waiting(
     await receiver.aclose()
 
 
+async def test_closing_a_receiver_releases_what_it_held_at_once(
+    provider: SqsProvider, make_queue: MakeQueue
+) -> None:
+    queue = await make_queue()
+    await provider.send(queue, group_messages("c", 3))
+    receiver = await accept(provider, queue)
+    got = await receive_all(receiver, 1)
+    await receiver.complete(got[0])
+    await receiver.aclose()  # c-0 deleted; c-1 (buffered) and c-2 released, not left to expire
+    await receiver.aclose()  # idempotent
+    start = trio.current_time()
+    again = await accept(provider, queue, timeout=1.5)
+    rest = await receive_all(again, 2)
+    assert trio.current_time() - start < VISIBILITY  # no wait for the visibility timeout
+    assert [m.message_id for m in rest] == ["c-1", "c-2"]
+    for message in rest:
+        await again.complete(message)
+    await again.aclose()
+    assert await depth(provider, queue) == 0
+
+
+async def test_unclaimed_sessions_are_bounded_and_the_excess_released(
+    moto_sqs: str, make_queue: MakeQueue
+) -> None:
+    queue = await make_queue()
+    async with SqsProvider(
+        endpoint_url=moto_sqs, region=REGION, visibility_timeout=None, max_pending_sessions=1, **CREDENTIALS
+    ) as bounded:
+        await bounded.send(queue, [*group_messages("x", 1), *group_messages("y", 1), *group_messages("z", 1)])
+        first = await accept(bounded, queue)
+        # At most one group is held unclaimed: the one handed out now; the two others did not
+        # fit and were released at once (visible again), not left to expire.
+        assert bounded._states[queue].pending == {}
+        stats = await bounded.queue_stats(queue)
+        assert (stats.active, stats.in_flight) == (2, 1)
+        second = await accept(bounded, queue, timeout=1.5)
+        assert {first.session_id, second.session_id} < {"x", "y", "z"}
+        await second.aclose()
+        await first.aclose()
+
+
+async def test_receive_attempt_id_is_kept_only_across_network_failures() -> None:
+    from queue_runtime.providers.sqs import _QueueMeta
+
+    async with SqsProvider(
+        endpoint_url="http://127.0.0.1:9", region=REGION, connect_timeout=0.5, **CREDENTIALS
+    ) as dead:
+        meta = _QueueMeta(
+            name="q.fifo",
+            url="http://127.0.0.1:9/123456789012/q.fifo",
+            fifo=True,
+            content_dedup=False,
+            visibility=30,
+            max_receive_count=None,
+            redrive_target=None,
+            attributes={},
+        )
+        dead._meta["q.fifo"] = meta
+        with pytest.raises(ConnectionFailed):
+            await dead.accept_session("q.fifo", timeout=0)
+        attempt = dead._states["q.fifo"].attempt_id
+        assert attempt is not None
+        with pytest.raises(ConnectionFailed):
+            await dead.accept_session("q.fifo", timeout=0)
+        assert dead._states["q.fifo"].attempt_id == attempt  # the retry asked for the same batch
+
+
+async def test_provider_close_flushes_pending_deletes(
+    moto_sqs: str, make_queue: MakeQueue, provider: SqsProvider
+) -> None:
+    queue = await make_queue()
+    await provider.send(queue, group_messages("f", 3))
+    other = SqsProvider(endpoint_url=moto_sqs, region=REGION, visibility_timeout=None, **CREDENTIALS)
+    receiver = await accept(other, queue)
+    for message in await receive_all(receiver, 3):
+        await receiver.complete(message)
+    assert other.api_calls["DeleteMessageBatch"] == 0
+    await other.aclose()  # the receiver was never closed: the provider flushes
+    assert other.api_calls["DeleteMessageBatch"] == 1
+    assert await depth(provider, queue) == 0
+
+
 # --------------------------------------------------------------------------------------------
 # completion batching
 
