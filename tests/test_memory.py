@@ -605,3 +605,16 @@ def test_mock_clock_fixture_is_not_needed_for_construction() -> None:
 
     got = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert bodies(got) == ["1"]
+
+
+async def test_ready_heap_holds_one_entry_per_waiting_session(autojump_clock: Any) -> None:
+    provider = InMemoryProvider()
+    for i in range(10):
+        await provider.send("q", [msg(f"s{s}", i) for s in range(100)])
+    assert len(internal(provider).ready) == 100
+    receiver = await accept(provider)
+    [m] = await receiver.receive(1)
+    await receiver.abandon(m)
+    await receiver.aclose()  # back in the heap once, ahead of the others (oldest head)
+    assert len(internal(provider).ready) == 100
+    assert (await accept(provider)).session_id == receiver.session_id
