@@ -625,3 +625,20 @@ def test_progress_bars_on_a_terminal_do_not_change_results(
     assert (code, out.splitlines()[-1]) == (0, "replayed 2, failed 0, skipped 0")
     assert totals == [None, 3, 2]  # reading (unknown), writing 3 lines, replaying min(depth, --max)
     assert broker.stats("orders").dead_letter == 1
+
+
+class ClosedPipe(io.StringIO):
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_closed_stdout_ends_quietly_with_the_sigpipe_code(
+    broker: Broker, run: Run, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dead_letter_some(broker, "orders")
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        patch.setattr(sys, "stdout", ClosedPipe())
+        code = main(["dlq", "peek", "-q", "orders", "--json"])
+    assert code == op.EXIT_BROKEN_PIPE == 141
+    assert capsys.readouterr().err == ""  # quiet: the reader went away on purpose

@@ -224,7 +224,9 @@ def export_record(dead: ReceivedMessage, *, body: bool = True) -> dict[str, Any]
         "description": dead.dead_letter_description,
         "delivery_count": dead.delivery_count,
         "enqueued_at": _iso(dead.enqueued_at),
-        "sequence_number": dead.sequence_number,
+        # As a string: SQS sequence numbers (20 digits) do not survive JSON readers that use
+        # doubles (jq, JavaScript).
+        "sequence_number": str(dead.sequence_number) if dead.sequence_number is not None else None,
         "content_type": message.content_type,
         "properties": dict(message.properties),
         "body_size": len(message.body),
@@ -278,6 +280,29 @@ def _subparser(subparsers: Any, name: str, help_text: str, epilog: str) -> argpa
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     return parser
+
+
+#: Exit code when stdout's reader went away (``... | head``): what a process killed by SIGPIPE
+#: reports to the shell.
+EXIT_BROKEN_PIPE = 141
+
+
+def _command(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Wrap a handler so a closed stdout (``queue-runtime dlq peek --json | head``) ends the
+    command quietly with `EXIT_BROKEN_PIPE` instead of an error about the pipe."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except BrokenPipeError:
+            # Python would complain again when it flushes stdout at exit: point it at devnull.
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+            return EXIT_BROKEN_PIPE
+
+    run.__doc__ = handler.__doc__
+    return run
 
 
 # --------------------------------------------------------------------------------------------
@@ -748,7 +773,7 @@ def _register_send(subparsers: Any) -> None:
         default=1,
         help=f"send N copies, each with its own message id (1-{MAX_COUNT})",
     )
-    send.set_defaults(handler=_cmd_send)
+    send.set_defaults(handler=_command(_cmd_send))
 
 
 def _register_dlq(subparsers: Any) -> None:
@@ -776,7 +801,7 @@ def _register_dlq(subparsers: Any) -> None:
     add_config_flags(peek)
     peek.add_argument("--max", type=_int_type(1), default=32, help="show at most N messages (default 32)")
     peek.add_argument("--json", action="store_true", help="a JSON array for scripts (no bodies)")
-    peek.set_defaults(handler=_cmd_dlq_peek)
+    peek.set_defaults(handler=_command(_cmd_dlq_peek))
 
     export = _subparser(
         commands,
@@ -792,7 +817,7 @@ def _register_dlq(subparsers: Any) -> None:
         default=EXPORT_DEFAULT_MAX,
         help=f"export at most N messages (default {EXPORT_DEFAULT_MAX})",
     )
-    export.set_defaults(handler=_cmd_dlq_export)
+    export.set_defaults(handler=_command(_cmd_dlq_export))
 
     replay = _subparser(
         commands,
@@ -808,7 +833,7 @@ def _register_dlq(subparsers: Any) -> None:
     replay.add_argument("--max", type=_int_type(1), default=None, help="replay at most N messages")
     replay.add_argument("--session-id", "-s", help="replay only this session's messages")
     replay.add_argument("--dry-run", action="store_true", help="list what would be replayed; change nothing")
-    replay.set_defaults(handler=_cmd_dlq_replay)
+    replay.set_defaults(handler=_command(_cmd_dlq_replay))
 
     purge = _subparser(
         commands,
@@ -818,7 +843,7 @@ def _register_dlq(subparsers: Any) -> None:
     )
     add_config_flags(purge)
     purge.add_argument("--yes", action="store_true", help="confirm: the messages cannot be recovered")
-    purge.set_defaults(handler=_cmd_dlq_purge)
+    purge.set_defaults(handler=_command(_cmd_dlq_purge))
 
 
 def _register_stats(subparsers: Any) -> None:
@@ -830,7 +855,7 @@ def _register_stats(subparsers: Any) -> None:
     )
     add_config_flags(stats)
     stats.add_argument("--json", action="store_true", help="JSON for scripts (null where unknown)")
-    stats.set_defaults(handler=_cmd_stats)
+    stats.set_defaults(handler=_command(_cmd_stats))
 
 
 def _register_config(subparsers: Any) -> None:
@@ -854,7 +879,7 @@ def _register_config(subparsers: Any) -> None:
     )
     add_config_flags(show)
     show.add_argument("--json", action="store_true", help="JSON: {key: {value, source}}")
-    show.set_defaults(handler=_cmd_config_show)
+    show.set_defaults(handler=_command(_cmd_config_show))
 
     validate = _subparser(
         commands,
@@ -864,4 +889,4 @@ def _register_config(subparsers: Any) -> None:
         _epilog("queue-runtime config validate --config config.toml --queue orders"),
     )
     add_config_flags(validate)
-    validate.set_defaults(handler=_cmd_config_validate)
+    validate.set_defaults(handler=_command(_cmd_config_validate))
