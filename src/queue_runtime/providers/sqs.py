@@ -709,12 +709,7 @@ class SqsProvider(Provider):
             else:
                 reused = True
             requested = state.attempt_started if reused else trio.current_time()
-            await self._tidy_pending(state)
-            wait = min(self._wait_time, int(max(remaining, 0.0)))
-            if state.pending:
-                # Come back in time to release unclaimed sessions before they lapse.
-                due = min(self._pending_due(p, state.meta) for p in state.pending.values())
-                wait = min(wait, max(0, int(due - trio.current_time())))
+            wait = await self._poll_wait(state, remaining)
             try:
                 raws = await self._receive_raw(
                     state.meta,
@@ -733,6 +728,10 @@ class SqsProvider(Provider):
                 state.attempt_id = None
                 raise
             state.attempt_id = None
+            if not raws and wait == 0 and remaining > 0:
+                # SQS waits in whole seconds: rather than spin on short polls for the
+                # fraction left, let the caller's time run out here.
+                await trio.sleep(min(remaining, 1.0))
             live, expired = self._records(state.meta, raws, _selected_at(requested, trio.current_time()))
             for record in expired:
                 record.state = _State.DELETING
@@ -741,6 +740,27 @@ class SqsProvider(Provider):
         finally:
             state.polling = False
             state.poll_done.set()
+
+    async def _poll_wait(self, state: _QueueState, remaining: float) -> int:
+        """The long-poll wait (whole seconds) for the next receive. With unclaimed sessions
+        waiting, it ends in time to extend their visibility; if that is due within a second,
+        wait for it and extend them first (a short poll in a loop would spin)."""
+        await self._tidy_pending(state)
+        wait = min(self._wait_time, int(max(remaining, 0.0)))
+        if not state.pending or wait == 0:
+            return wait
+        until_due = (
+            min(self._pending_due(p, state.meta) for p in state.pending.values()) - trio.current_time()
+        )
+        if until_due < 1:
+            await trio.sleep(max(0.0, min(until_due, remaining)))
+            await self._tidy_pending(state)
+            if not state.pending:
+                return max(0, min(wait, int(remaining)))
+            until_due = (
+                min(self._pending_due(p, state.meta) for p in state.pending.values()) - trio.current_time()
+            )
+        return max(0, min(wait, int(until_due)))
 
     async def _dispatch(self, state: _QueueState, records: list[_Record]) -> None:
         overflow: list[_Record] = []
