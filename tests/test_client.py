@@ -328,3 +328,16 @@ async def test_open_client_bad_configuration_is_one_clear_error(autojump_clock: 
 
 def test_client_repr_has_no_secrets() -> None:
     assert repr(QueueClient(InMemoryProvider())) == "<QueueClient system='memory'>"
+
+
+async def test_replay_reports_each_outcome(autojump_clock: Any) -> None:
+    provider = InMemoryProvider()
+    client = QueueClient(provider)
+    await client.send_batch("q", [msg("a", 1), msg("b", 2)])
+    await dead_letter_all(provider, "q")
+    seen: list[tuple[bytes, str]] = []
+    result = await client.replay_dead_letters(
+        "q", session_id="a", on_message=lambda m, outcome: seen.append((m.message.body, outcome))
+    )
+    assert result == ReplayResult(replayed=1, failed=0, skipped=1)
+    assert seen == [(b"1", "replayed"), (b"2", "skipped")]
