@@ -1,0 +1,202 @@
+"""``queue-runtime worker --metrics-port``: /metrics, /healthz and /readyz of a running worker
+process, and readiness going away while it drains."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+
+from sqs_server import CREDENTIALS, REGION
+from test_sqs_workers import StrictMotoServer
+from worker_process import WorkerProcess
+
+IDLE_ACTOR = """
+from queue_runtime import SessionActor
+
+
+class Idle(SessionActor[bytes]):
+    async def handle(self, body, ctx):
+        pass
+"""
+
+# A handler that blocks until the test lets it go, so the drain can be observed.
+BLOCKING_ACTOR = """
+import os
+import pathlib
+
+import trio
+
+from queue_runtime import SessionActor
+
+GATE = pathlib.Path(os.environ["GATE_DIR"])
+
+
+class Blocking(SessionActor[bytes]):
+    async def handle(self, body, ctx):
+        (GATE / "started").write_text(ctx.message_id)
+        while not (GATE / "release").exists():
+            await trio.sleep(0.05)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def get(port: int, path: str) -> httpx.Response:
+    return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=5)
+
+
+def metric_lines(text: str, name: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(name)]
+
+
+@pytest.mark.slow
+def test_endpoints_of_a_memory_worker(tmp_path: Path) -> None:
+    (tmp_path / "idle_actor.py").write_text(IDLE_ACTOR)
+    port = free_port()
+    queue = f"q-{uuid.uuid4().hex[:6]}"
+    worker = WorkerProcess(
+        ["idle_actor:Idle", "-q", queue, "--metrics-port", str(port), "--metrics-host", "127.0.0.1"],
+        cwd=tmp_path,
+    )
+    try:
+        worker.wait_for(f"serving /metrics /healthz /readyz on 127.0.0.1:{port}")
+        worker.wait_for("accepting sessions")
+        health = get(port, "/healthz")
+        assert (health.status_code, health.text.strip()) == (200, "ok")
+        ready = get(port, "/readyz")
+        assert (ready.status_code, ready.text.strip()) == (200, "ready")
+        assert get(port, "/nope").status_code == 404
+        assert httpx.post(f"http://127.0.0.1:{port}/metrics", timeout=5).status_code == 405
+
+        # The queue-depth refresh runs once at start-up: the depth gauges have values.
+        deadline = time.monotonic() + 10
+        while True:
+            metrics = get(port, "/metrics")
+            if "queue_depth{" in metrics.text or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert metrics.status_code == 200
+        assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
+        text = metrics.text
+        for gauge in ("queue_active_sessions", "queue_circuit_breaker_state", "queue_depth"):
+            assert f"# TYPE {gauge} gauge" in text, text
+        assert metric_lines(text, f'queue_active_sessions{{queue="{queue}"}}') == [
+            f'queue_active_sessions{{queue="{queue}"}} 0.0'
+        ]
+        assert metric_lines(text, f'queue_circuit_breaker_state{{queue="{queue}"}}') == [
+            f'queue_circuit_breaker_state{{queue="{queue}"}} 0.0'
+        ]
+        depth = {
+            match.group(1): match.group(2)
+            for match in re.finditer(rf'^queue_depth{{queue="{queue}",state="(\w+)"}} (\S+)$', text, re.M)
+        }
+        assert depth == {"active": "0.0", "in_flight": "0.0", "scheduled": "0.0"}, text
+        assert f'queue_dead_letter_depth{{queue="{queue}"}} 0.0' in text
+
+        worker.terminate()
+        assert worker.wait(timeout=20) == 0, worker.log
+        with pytest.raises(httpx.ConnectError):  # the listener is closed once drained
+            get(port, "/healthz")
+    finally:
+        worker.kill()
+
+
+@pytest.fixture(scope="module")
+def sqs_endpoint() -> Iterator[str]:
+    server = StrictMotoServer()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_readiness_goes_away_while_draining_and_metrics_count_the_work(
+    tmp_path: Path, sqs_endpoint: str
+) -> None:
+    sqs: Any = boto3.client(
+        "sqs",
+        endpoint_url=sqs_endpoint,
+        region_name=REGION,
+        aws_access_key_id=CREDENTIALS["access_key_id"],
+        aws_secret_access_key=CREDENTIALS["secret_access_key"],
+    )
+    name = f"endpoints-{uuid.uuid4().hex[:8]}.fifo"
+    dlq_url = sqs.create_queue(
+        QueueName=name.replace(".fifo", "-dlq.fifo"), Attributes={"FifoQueue": "true"}
+    )["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    url = sqs.create_queue(
+        QueueName=name,
+        Attributes={
+            "FifoQueue": "true",
+            "VisibilityTimeout": "10",
+            "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"}),
+        },
+    )["QueueUrl"]
+    sqs.send_message(QueueUrl=url, MessageBody="{}", MessageGroupId="g1", MessageDeduplicationId="m1")
+
+    (tmp_path / "blocking_actor.py").write_text(BLOCKING_ACTOR)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    port = free_port()
+    env = {
+        "QUEUE_PROVIDER": "aws",
+        "AWS_ENDPOINT_URL_SQS": sqs_endpoint,
+        "AWS_ACCESS_KEY_ID": CREDENTIALS["access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": CREDENTIALS["secret_access_key"],
+        "AWS_REGION": REGION,
+        "QUEUE_RECEIVE_TIMEOUT_SECONDS": "1",
+        "GATE_DIR": str(gate),
+    }
+    args = ["blocking_actor:Blocking", "-q", name, "--metrics-port", str(port), "--metrics-host", "127.0.0.1"]
+    worker = WorkerProcess([*args, "--shutdown-grace", "30", "--log-format", "json"], env=env, cwd=tmp_path)
+    try:
+        worker.wait_for("accepting sessions")
+        deadline = time.monotonic() + 20
+        while not (gate / "started").exists():
+            assert time.monotonic() < deadline, worker.log
+            time.sleep(0.05)
+        assert get(port, "/readyz").status_code == 200
+        text = get(port, "/metrics").text
+        assert f'queue_messages_received_total{{queue="{name}"}} 1.0' in text, text
+        assert f'queue_sessions_accepted_total{{queue="{name}"}} 1.0' in text
+        assert f'queue_active_sessions{{queue="{name}"}} 1.0' in text
+
+        worker.terminate()
+        worker.wait_for("draining")
+        # Draining: alive but not ready, for as long as the handler runs.
+        for _ in range(5):
+            assert get(port, "/healthz").status_code == 200
+            not_ready = get(port, "/readyz")
+            assert (not_ready.status_code, not_ready.text.strip()) == (503, "not ready")
+            time.sleep(0.1)
+        assert worker.process.poll() is None
+        (gate / "release").write_text("go")
+        assert worker.wait(timeout=30) == 0, worker.log
+        records = [json.loads(line) for line in worker.lines]
+        drained = [r for r in records if r["message"].startswith("drained:")]
+        assert drained and drained[0]["message"].startswith("drained: 1 completed, 0 dead-lettered")
+    finally:
+        worker.kill()
+    attributes = sqs.get_queue_attributes(
+        QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+    )["Attributes"]
+    assert attributes == {"ApproximateNumberOfMessages": "0", "ApproximateNumberOfMessagesNotVisible": "0"}
+    assert re.fullmatch(r"[0-9a-f-]{36}", (gate / "started").read_text())
