@@ -52,6 +52,9 @@ CLEANUP_TIMEOUT = 10.0
 #: for retrying a transient renewal failure before the lock is really gone.
 RENEW_AT_FRACTION = 0.5
 
+#: Calls of one settlement (complete, abandon, dead-letter) before a transient error is final.
+SETTLE_ATTEMPTS = 6
+
 _LOCK_ERRORS = (SessionLockLost, MessageLockLost, InvalidReceipt)
 
 
@@ -455,7 +458,7 @@ class Session:
     async def _receive(self, idle_deadline: float, max_messages: int) -> list[ReceivedMessage] | None:
         """Fill the mailbox; ``[]`` on timeout, None when interrupted by a stop request."""
         rt = self.runtime
-        backoff = Backoff(initial=0.2, maximum=5.0)
+        backoff: Backoff | None = None  # built on the first error only (receive is hot)
         while True:
             timeout = idle_deadline - trio.current_time()
             if timeout <= 0 and idle_deadline != math.inf:
@@ -474,6 +477,8 @@ class Session:
                     rt.telemetry.error(error, operation="receive")
                     if not error.transient:
                         raise _SessionFailed(error) from None
+                    if backoff is None:
+                        backoff = Backoff(initial=0.2, maximum=5.0)
                     await trio.sleep(backoff.next_delay())
                     continue
                 finally:
@@ -623,7 +628,7 @@ class Session:
         deadline = self.receiver.locked_until or message.locked_until
         try:
             with self.runtime.telemetry.settle_span(operation, message):
-                await call_with_retry(call, attempts=6, deadline=deadline)
+                await _settle_with_retry(call, deadline)
         except _LOCK_ERRORS as error:
             if self.session_id is None:
                 # Only this message's lock is gone; it will be redelivered.
@@ -671,6 +676,25 @@ def _bind_dead_letter(
         await session._dead_letter(message, reason, description)
 
     return dead_letter
+
+
+async def _settle_with_retry(call: Callable[[], Awaitable[None]], deadline: float | None) -> None:
+    """``call_with_retry(call, attempts=SETTLE_ATTEMPTS, deadline=deadline)`` with the first
+    call made directly: the retry machinery (a `Backoff`, its policy) is only built once a
+    transient error happened, not on every settlement."""
+    try:
+        await call()
+        return
+    except QueueError as error:
+        if not error.transient:
+            raise
+        first = error
+    backoff = Backoff()
+    delay = getattr(first, "retry_after", None) or backoff.next_delay()
+    if deadline is not None and trio.current_time() + delay >= deadline:
+        raise first
+    await trio.sleep(delay)
+    await call_with_retry(call, attempts=SETTLE_ATTEMPTS - 1, backoff=backoff, deadline=deadline)
 
 
 async def _being_cancelled() -> bool:
