@@ -49,7 +49,16 @@ if TYPE_CHECKING:
     from ..config import Settings
     from ..providers.base import Provider, QueueStats
 
-__all__ = ["MAX_COUNT", "MAX_READ_BYTES", "export_record", "register", "use_provider"]
+__all__ = [
+    "EXIT_BROKEN_PIPE",
+    "MAX_COUNT",
+    "MAX_READ_BYTES",
+    "export_record",
+    "parse_property",
+    "record_body",
+    "register",
+    "use_provider",
+]
 
 T = TypeVar("T")
 
