@@ -777,3 +777,54 @@ def test_codec_round_trip(body: bytes, properties: dict[str, str], session: str 
     assert received.message.properties == properties
     assert received.session_id == session
     assert received.message_id == message.message_id
+
+
+# --------------------------------------------------------------------------------------------
+# with the runtime
+
+
+async def test_supervisor_on_sqs_keeps_order_renews_and_dead_letters(
+    provider: SqsProvider, make_queue: MakeQueue
+) -> None:
+    from queue_runtime.actor import DeadLetter, MessageContext, SessionActor
+    from queue_runtime.config import SupervisorConfig
+    from queue_runtime.retry import RetryPolicy
+    from queue_runtime.supervisor import Supervisor
+
+    queue = await make_queue()
+    seen: dict[str, list[int]] = {}
+    flaky = {"g1-2": 1}
+
+    class Recorder(SessionActor[bytes]):
+        async def handle(self, message: bytes, ctx: MessageContext) -> None:
+            text = message.decode()
+            if text == "g2-1":
+                raise DeadLetter("Poison", "bad input")
+            if flaky.get(text, 0) > 0:
+                flaky[text] -= 1
+                raise RuntimeError("flaky")
+            if text == "g0-1":
+                await trio.sleep(VISIBILITY + 1.0)  # past the visibility timeout: renewal must hold it
+            seen.setdefault(ctx.session_id, []).append(int(text.split("-")[1]))
+
+    for g in range(3):
+        await provider.send(queue, [Message(body=f"g{g}-{i}".encode(), session_id=f"g{g}") for i in range(4)])
+    config = SupervisorConfig(
+        queue=queue,
+        session_idle_timeout=1.0,
+        receive_timeout=1.0,
+        retry=RetryPolicy(max_attempts=3, initial_backoff=0.05),
+    )
+    supervisor = Supervisor(provider, Recorder, config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.serve)
+        with trio.move_on_after(20):
+            while sum(len(v) for v in seen.values()) < 11:
+                await trio.sleep(0.1)
+        supervisor.stop()
+    assert seen == {"g0": [0, 1, 2, 3], "g1": [0, 1, 2, 3], "g2": [0, 2, 3]}  # each once, in order
+    stats = supervisor.stats()
+    assert (stats.completed, stats.dead_lettered) == (11, 1)
+    [dead] = await provider.peek_dead_letters(queue)
+    assert dead.message.body == b"g2-1" and dead.dead_letter_reason == "Poison"
+    assert await depth(provider, queue) == 0
