@@ -155,9 +155,10 @@ RESPONSE_MARGIN: Final = 1.0
 _SESSIONS: dict[str | None, Any] = {}
 
 
-def _selected_at(requested: float, responded: float) -> float:
-    """The earliest moment SQS may have started the visibility clock of a receive's messages."""
-    return max(requested, responded - RESPONSE_MARGIN)
+def _selected_at(requested: float, responded: float, visibility: float) -> float:
+    """The earliest moment SQS may have started the visibility clock of a receive's messages
+    (the margin shrinks for very short visibility timeouts, which it would otherwise halve)."""
+    return max(requested, responded - min(RESPONSE_MARGIN, visibility / 4))
 
 
 def _name_of(queue: str) -> str:
@@ -732,7 +733,9 @@ class SqsProvider(Provider):
                 # SQS waits in whole seconds: rather than spin on short polls for the
                 # fraction left, let the caller's time run out here.
                 await trio.sleep(min(remaining, 1.0))
-            live, expired = self._records(state.meta, raws, _selected_at(requested, trio.current_time()))
+            live, expired = self._records(
+                state.meta, raws, _selected_at(requested, trio.current_time(), self._lock_seconds(state.meta))
+            )
             for record in expired:
                 record.state = _State.DELETING
                 state.deletes.append(record)
@@ -1265,7 +1268,9 @@ class SqsQueueReceiver(_ReceiverBase):
                 wait=min(self._provider._wait_time, int(max(remaining, 0))),
             )
             live, expired = self._provider._records(
-                self._meta, raws, _selected_at(requested, trio.current_time())
+                self._meta,
+                raws,
+                _selected_at(requested, trio.current_time(), self._provider._lock_seconds(self._meta)),
             )
             for record in expired:
                 record.state = _State.DELETING
