@@ -26,8 +26,8 @@ from worker_process import WorkerProcess
 
 pytestmark = pytest.mark.slow
 
-GROUPS = 20
-PER_GROUP = 6
+GROUPS = 24
+PER_GROUP = 8
 WORKERS = 2
 
 ACTOR_MODULE = """
@@ -225,8 +225,9 @@ def test_many_worker_processes_keep_every_group_in_order_exactly_once(
         assert not response.get("Failed"), response
 
     env = worker_env(moto_sqs, handled)
-    # Fewer sessions per worker than groups, so no single process can hold every group.
-    args = ["recorder_actor:Recorder", "--queue", name, "--max-sessions", "12", "--idle-timeout", "2"]
+    # Far fewer sessions per worker than groups: no process can hold every group, and groups are
+    # released and taken again (often by the other process) all the time.
+    args = ["recorder_actor:Recorder", "--queue", name, "--max-sessions", "6", "--idle-timeout", "1"]
     args += os.environ.get("SQS_WORKERS_EXTRA_ARGS", "").split()
     workers = [WorkerProcess(args, env=env, cwd=tmp_path) for _ in range(WORKERS)]
     try:

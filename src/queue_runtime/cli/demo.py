@@ -201,9 +201,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--latency",
         type=float,
-        default=0.002,
+        default=0.06,
         metavar="SECONDS",
-        help="max simulated handler latency, uniform (default 0.002)",
+        help="max simulated handler latency, uniform from 0 (default 0.06)",
     )
     parser.add_argument("--max-sessions", type=_positive("--max-sessions"), default=64, help="default 64")
     parser.add_argument(

@@ -100,12 +100,17 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--log-format", choices=["json", "text"], help="log line format (default text)")
     parser.add_argument(
         "--log-level",
-        type=str.upper,
+        type=_level,
         choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
         metavar="LEVEL",
         help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO)",
     )
     parser.set_defaults(handler=run_worker)
+
+
+def _level(text: str) -> str:
+    upper = text.strip().upper()
+    return {"WARN": "WARNING", "FATAL": "CRITICAL"}.get(upper, upper)
 
 
 def _integer() -> Any:
