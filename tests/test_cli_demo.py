@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from queue_runtime.cli import demo as demo_module
 from queue_runtime.cli import main
-from queue_runtime.cli.demo import DemoEvent, make_plan
+from queue_runtime.cli.demo import MAX_ATTEMPTS, DemoEvent, make_plan
 
 
 def test_small_demo_prints_summary_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
@@ -32,6 +32,10 @@ def test_small_demo_prints_summary_and_exits_0(capsys: pytest.CaptureFixture[str
         "MaxDeliveryCountExceeded",
     }
     assert re.search(r"messages sent\s*│\s*200\s", out)
+    # Exactly the planned in-place retries: flaky messages' failures, two per hopeless message.
+    assert re.search(
+        rf"retries \(in place\)\s*│\s*{plan.retries} \(\d+ flaky messages, {plan.retries} retries", out
+    )
     assert "msgs/s" in out
     # Plain progress lines (no TTY): the last one shows everything settled.
     progress = [line for line in out.splitlines() if line.startswith("[")]
@@ -75,6 +79,7 @@ def test_plan_accounts_for_every_message(sessions: int, events: int, seed: int) 
     assert sum(len(seqs) for seqs in plan.expected.values()) + dead == plan.total
     assert plan == make_plan(sessions, events, seed)  # deterministic per seed
     decoded_dead: Counter[str] = Counter()
+    retries = 0
     for session, bodies in plan.bodies.items():
         expected = plan.expected[session]
         assert expected == sorted(expected)
@@ -87,12 +92,15 @@ def test_plan_accounts_for_every_message(sessions: int, events: int, seed: int) 
                 continue
             assert (event.order_id, event.seq) == (session, seq)
             if seq in expected:
-                assert event.amount >= 0 and event.fail_times <= 2
+                assert event.amount >= 0 and event.fail_times < MAX_ATTEMPTS
+                retries += event.fail_times
             elif event.amount < 0:
                 decoded_dead["NegativeAmount"] += 1
-            elif event.fail_times > 2:
+            elif event.fail_times >= MAX_ATTEMPTS:
                 decoded_dead["MaxAttemptsExceeded"] += 1
+                retries += MAX_ATTEMPTS - 1
             else:
                 assert seq == 0 and session in plan.redelivered
                 decoded_dead["MaxDeliveryCountExceeded"] += 1
     assert dict(decoded_dead) == plan.dead_letters
+    assert retries == plan.retries
