@@ -1,0 +1,179 @@
+"""The two in-memory pipelines every throughput figure compares.
+
+* `runtime_try`: the full supervisor path. A producer task builds `Message` objects and sends
+  them to an `InMemoryProvider` in batches of 100; the `Supervisor` accepts sessions, runs one
+  `SessionActor` per session, decodes each body with msgspec, awaits the handler and completes
+  the message with the broker (peek-lock, ordered per session).
+* `baseline_try`: what a user would write by hand with trio alone. A producer task builds the
+  same bodies and puts batches of 100 ``(session_id, body)`` pairs on a bounded memory channel;
+  a router task starts one task per session on first sight and forwards each body to that
+  session's bounded channel; the session task decodes with msgspec, awaits the handler and
+  counts. No broker, no locks, no retries, no settlement.
+
+Both times start before the first message is produced and stop when the last message is done
+(for the runtime: completed with the broker). Each try is its own ``trio.run``.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from typing import Any
+
+import msgspec
+import trio
+
+from queue_runtime import MessageContext, SessionActor, SupervisorConfig
+from queue_runtime.message import Message
+from queue_runtime.providers.memory import InMemoryProvider
+from queue_runtime.supervisor import Supervisor
+
+from ._common import Event, body_for, session_name
+
+QUEUE = "bench"
+BATCH = 100
+
+
+class _Sink:
+    """What the shared handler does: add up amounts, count messages."""
+
+    __slots__ = ("count", "total")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total = 0
+
+
+_sink = _Sink()
+
+
+async def handler(event: Event) -> None:
+    """The work per message, identical in both pipelines (no I/O: the cost is the plumbing)."""
+    _sink.total += event.amount
+    _sink.count += 1
+
+
+async def io_handler(event: Event) -> None:
+    """A handler that waits 1 ms, as for a call to a fast service."""
+    await trio.sleep(0.001)
+    _sink.total += event.amount
+    _sink.count += 1
+
+
+HANDLERS = {"cpu": handler, "io": io_handler}
+
+
+class BenchActor(SessionActor[Event]):
+    work = staticmethod(handler)
+
+    async def handle(self, message: Event, ctx: MessageContext) -> None:
+        await self.work(message)
+
+
+class IoBenchActor(BenchActor):
+    work = staticmethod(io_handler)
+
+
+def _plan(messages: int, sessions: int) -> list[list[tuple[str, int]]]:
+    """Batches of (session, index): message i goes to session i mod sessions (round robin)."""
+    names = [session_name(s) for s in range(sessions)]
+    pairs = [(names[i % sessions], i) for i in range(messages)]
+    return [pairs[i : i + BATCH] for i in range(0, messages, BATCH)]
+
+
+async def _runtime(
+    sessions: int, messages: int, per_session_concurrency: int, kind: str, config_extra: dict[str, Any]
+) -> float:
+    plan = _plan(messages, sessions)
+    actor = BenchActor if kind == "cpu" else IoBenchActor
+    start = time.perf_counter()
+    provider = InMemoryProvider(max_queue_messages=messages + BATCH)
+    config = SupervisorConfig(
+        queue=QUEUE,
+        max_concurrent_sessions=sessions,
+        per_session_concurrency=per_session_concurrency,
+        **config_extra,
+    )
+    supervisor = Supervisor(provider, actor, config)
+
+    async def produce() -> None:
+        for batch in plan:
+            await provider.send(QUEUE, [Message(body_for(i), session_id=sid) for sid, i in batch])
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.serve)
+        nursery.start_soon(produce)
+        counters = supervisor._counters  # read in place: stats() builds a struct per poll
+        while counters.completed < messages:
+            await trio.sleep(0.0005)
+        elapsed = time.perf_counter() - start
+        supervisor.stop()
+    stats = supervisor.stats()
+    if stats.completed != messages or stats.dead_lettered or stats.failed_attempts:
+        raise RuntimeError(f"runtime try went wrong: {stats}")
+    await provider.aclose()
+    return elapsed
+
+
+async def _baseline(sessions: int, messages: int, kind: str) -> float:
+    plan = _plan(messages, sessions)
+    work = HANDLERS[kind]
+    decode = msgspec.json.Decoder(Event).decode
+    done = trio.Event()
+    handled = 0
+    start = time.perf_counter()
+
+    async def session_task(channel: trio.MemoryReceiveChannel[bytes]) -> None:
+        nonlocal handled
+        async for body in channel:
+            await work(decode(body))
+            handled += 1
+            if handled == messages:
+                done.set()
+
+    async def router(
+        nursery: trio.Nursery, inbox: trio.MemoryReceiveChannel[list[tuple[str, bytes]]]
+    ) -> None:
+        channels: dict[str, trio.MemorySendChannel[bytes]] = {}
+        async for batch in inbox:
+            for sid, body in batch:
+                channel = channels.get(sid)
+                if channel is None:
+                    channel, receive = trio.open_memory_channel[bytes](16)
+                    channels[sid] = channel
+                    nursery.start_soon(session_task, receive)
+                await channel.send(body)
+        for channel in channels.values():
+            await channel.aclose()
+
+    async def produce(outbox: trio.MemorySendChannel[list[tuple[str, bytes]]]) -> None:
+        async with outbox:
+            for batch in plan:
+                await outbox.send([(sid, body_for(i)) for sid, i in batch])
+
+    async with trio.open_nursery() as nursery:
+        outbox, inbox = trio.open_memory_channel[list[tuple[str, bytes]]](16)
+        nursery.start_soon(router, nursery, inbox)
+        nursery.start_soon(produce, outbox)
+        await done.wait()
+        elapsed = time.perf_counter() - start
+    return elapsed
+
+
+def runtime_try(
+    sessions: int,
+    messages: int,
+    *,
+    per_session_concurrency: int = 1,
+    kind: str = "cpu",
+    **config_extra: Any,
+) -> float:
+    """Seconds for the supervisor path to produce and complete ``messages`` messages."""
+    gc.collect()
+    return trio.run(_runtime, sessions, messages, per_session_concurrency, kind, config_extra)
+
+
+def baseline_try(sessions: int, messages: int, *, kind: str = "cpu") -> float:
+    """Seconds for the hand-written trio pipeline to produce and handle ``messages`` messages."""
+    gc.collect()
+    return trio.run(_baseline, sessions, messages, kind)

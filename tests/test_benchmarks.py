@@ -1,0 +1,132 @@
+"""Each benchmark once at its tiny size, so the benchmarks never rot.
+
+No timing assertions: these check that every benchmark runs end to end, measures what it
+says (counts, sessions, both sides of each comparison), prints its table and writes its JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import BENCHMARKS, latency, memory, scaling, sqs, telemetry_cost, throughput
+from benchmarks.__main__ import build_parser
+from benchmarks._common import percentile, table
+from benchmarks.inmemory import baseline_try, runtime_try
+from benchmarks.report import render
+from queue_runtime.cli import main as cli_main
+from sqs_server import moto_sqs  # noqa: F401  (a fixture, used by name)
+
+pytestmark = pytest.mark.slow
+
+
+def _json(results: Path, name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((results / f"{name}.json").read_text())
+    assert data["benchmark"] == name
+    assert data["size"] == "tiny"
+    return data
+
+
+def test_both_inmemory_pipelines_handle_every_message() -> None:
+    # runtime_try raises unless the supervisor completed exactly this many, with no failures.
+    assert runtime_try(7, 50) > 0
+    assert runtime_try(3, 40, per_session_concurrency=4, kind="io") > 0
+    assert baseline_try(7, 50) > 0
+
+
+def test_throughput_compares_runtime_and_hand_written(tmp_path: Path, capsys: Any) -> None:
+    result = throughput.run("tiny", tmp_path)
+    data = _json(tmp_path, "throughput")
+    assert [row["sessions"] for row in data["rows"]] == [10, 200]
+    for row in data["rows"]:
+        assert row["runtime_msgs_per_s"] > 0 and row["baseline_msgs_per_s"] > 0
+        assert row["ratio"] == pytest.approx(row["runtime_msgs_per_s"] / row["baseline_msgs_per_s"], rel=0.01)
+        assert len(row["runtime_seconds"]) == len(row["baseline_seconds"]) == row["tries"]
+    assert result["table"] in capsys.readouterr().out
+
+
+def test_memory_has_every_session_active_at_once(tmp_path: Path) -> None:
+    memory.run("tiny", tmp_path)
+    rows = _json(tmp_path, "memory")["rows"]
+    assert [row["sessions"] for row in rows] == list(memory.PLANS["tiny"])
+    for row in rows:
+        assert row["active_sessions"] == row["sessions"]
+        assert row["handlers_running"] >= row["sessions"]
+        assert row["lock_lost"] == 0
+        assert row["rss_after_kib"] >= row["rss_before_kib"]
+
+
+def test_latency_measures_each_message(tmp_path: Path) -> None:
+    latency.run("tiny", tmp_path)
+    data = _json(tmp_path, "latency")
+    assert data["messages"] == latency.PLANS["tiny"]
+    assert len(latency._completed) == len(latency._sent) == data["messages"]
+    for row in data["rows"]:
+        assert 0 < row["p50_us"] <= row["p99_us"] <= row["max_us"]
+
+
+def test_telemetry_cost_runs_each_mode_in_its_own_process(tmp_path: Path) -> None:
+    telemetry_cost.run("tiny", tmp_path)
+    rows = _json(tmp_path, "telemetry_cost")["rows"]
+    assert [row["mode"] for row in rows] == ["off", "metrics", "tracing"]
+    assert rows[0]["relative_to_off"] == 1.0
+    # The metrics child really had an SDK: its reader collected data points.
+    assert rows[1]["metric_points"] > 0
+
+
+def test_scaling_writes_the_plot(tmp_path: Path) -> None:
+    scaling.run("tiny", tmp_path, tmp_path)
+    data = _json(tmp_path, "scaling")
+    assert [row["sessions"] for row in data["by_sessions"]] == list(scaling.PLANS["tiny"]["sessions"])
+    assert [row["per_session_concurrency"] for row in data["by_concurrency"]] == list(
+        scaling.PLANS["tiny"]["concurrency"]
+    )
+    png = tmp_path / scaling.PLOT
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sqs_runtime_and_hand_written_consume_the_same_work(tmp_path: Path, request: Any) -> None:
+    sqs.run("tiny", tmp_path, endpoint=request.getfixturevalue("moto_sqs"))
+    rows = _json(tmp_path, "sqs")["rows"]
+    assert [row["consumer"] for row in rows] == ["runtime", "hand-written"]
+    for row in rows:
+        calls = row["calls_by_operation_per_try"]
+        assert calls["ReceiveMessage"] >= 1 and calls["DeleteMessageBatch"] >= 1
+        assert row["api_calls_per_msg"] > 0 and row["cpu_us_per_msg"] > 0
+
+
+def test_report_renders_every_result(tmp_path: Path) -> None:
+    throughput.run("tiny", tmp_path)
+    latency.run("tiny", tmp_path)
+    page = render(tmp_path)
+    assert "## 1. In-memory throughput" in page and "## 3. Latency" in page
+    assert "## 2. Memory" not in page  # only what was measured
+    assert _json(tmp_path, "throughput")["table"] in page
+
+
+def test_helpers() -> None:
+    assert percentile([3.0, 1.0, 2.0, 4.0], 0.5) == 2.0
+    assert percentile([float(i) for i in range(1, 101)], 0.99) == 99.0
+    text = table("T", ["a", "b"], [("x", 1234), ("yy", 0.5)])
+    assert "| x  | 1,234 |" in text and "| yy |   0.5 |" in text
+
+
+def test_entry_points_parse_sizes_and_names(capsys: Any) -> None:
+    args = build_parser().parse_args(["--size", "tiny", "--only", "latency", "--no-docs"])
+    assert (args.size, args.only, args.no_docs) == ("tiny", ["latency"], True)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--only", "nope"])
+    assert cli_main(["bench", "--tiny", "--only", "nope", "--no-docs"]) == 2
+    assert "unknown benchmark 'nope'" in capsys.readouterr().err
+    assert set(BENCHMARKS) == {"throughput", "memory", "latency", "telemetry_cost", "scaling", "sqs"}
+
+
+def test_cli_bench_runs_the_same_entry_point(monkeypatch: Any, tmp_path: Path) -> None:
+    import benchmarks._common
+
+    monkeypatch.setattr(benchmarks._common, "RESULTS_DIR", tmp_path)
+    assert cli_main(["bench", "--tiny", "--only", "latency", "--no-docs"]) == 0
+    assert _json(tmp_path, "latency")["messages"] == latency.PLANS["tiny"]
