@@ -57,7 +57,11 @@ def run(
 
 
 def _fail(error: QueueError, code: int) -> Any:
-    print(f"queue-runtime: error: {error}", file=sys.stderr)
+    from .telemetry import redact
+
+    # One line, redacted like logs: an SDK's error text may echo a connection string.
+    text = " ".join(str(error).split()) or type(error).__name__
+    print(f"queue-runtime: error: {redact(text)}", file=sys.stderr)
     raise SystemExit(code)
 
 
