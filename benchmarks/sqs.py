@@ -57,6 +57,7 @@ class _State:
         self.calls: collections.Counter[str] = collections.Counter()
         # (handled, thread CPU, wall, API calls so far) at the warm-up mark and at the end
         self.marks: list[tuple[int, float, float, int]] = []
+        self.done: trio.Event | None = None  # set by the handler: no polling loop to pay for
 
 
 _state = _State()
@@ -67,6 +68,8 @@ async def handler(event: Event) -> None:
     if _state.handled in (_state.warm, _state.total):
         marks = (_state.handled, time.thread_time(), time.perf_counter(), sum(_state.calls.values()))
         _state.marks.append(marks)
+        if _state.handled == _state.total and _state.done is not None:
+            _state.done.set()
 
 
 class SqsBenchActor(SessionActor[Event]):
@@ -127,10 +130,10 @@ async def _runtime(endpoint: str, queue: str, total: int) -> dict[str, Any]:
     )
     supervisor = Supervisor(provider, SqsBenchActor, config)
     _state.calls = provider.api_calls
+    _state.done = done = trio.Event()
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.serve)
-        while _state.handled < total:
-            await trio.sleep(0.002)
+        await done.wait()
         elapsed = time.perf_counter() - start
         supervisor.stop()
     await provider.aclose()  # flushes the last deletes: counted
