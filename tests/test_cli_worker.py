@@ -145,11 +145,12 @@ def test_worker_process_drains_on_sigterm_and_exits_0() -> None:
         assert worker.wait(timeout=20) == 0, worker.log
         log = worker.log
         assert "received SIGTERM: draining" in log
-        assert "drained: 0 completed, 0 dead-lettered" in log
+        assert "drained: running work settled" in log
+        assert "exiting: 0 completed, 0 dead-lettered, 0 handed back" in log
         assert "Traceback" not in log
         # Text format: timestamp, level, logger, message, fields.
-        drained = worker.wait_for("drained:")
-        assert " INFO queue_runtime.worker: drained:" in drained and f"queue_name={queue}" in drained
+        exiting = worker.wait_for("exiting:")
+        assert " INFO queue_runtime.worker: exiting:" in exiting and f"queue_name={queue}" in exiting
     finally:
         worker.kill()
 
@@ -169,7 +170,8 @@ def test_worker_process_json_logs_and_sigint() -> None:
             assert {"timestamp", "level", "logger", "message"} <= record.keys()
         messages = [r["message"] for r in records]
         assert any(m.startswith("received SIGINT: draining") for m in messages), messages
-        drained = [r for r in records if r["message"].startswith("drained:")]
+        assert any(m.startswith("drained:") for m in messages), messages
+        drained = [r for r in records if r["message"].startswith("exiting:")]
         assert len(drained) == 1
         assert drained[0]["queue_name"] == "orders" and drained[0]["operation"] == "shutdown"
         assert drained[0]["level"] == "INFO"

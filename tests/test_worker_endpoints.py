@@ -191,8 +191,9 @@ def test_readiness_goes_away_while_draining_and_metrics_count_the_work(
         (gate / "release").write_text("go")
         assert worker.wait(timeout=30) == 0, worker.log
         records = [json.loads(line) for line in worker.lines]
-        drained = [r for r in records if r["message"].startswith("drained:")]
-        assert drained and drained[0]["message"].startswith("drained: 1 completed, 0 dead-lettered")
+        messages = [r["message"] for r in records]
+        assert any(m.startswith("drained:") for m in messages), messages
+        assert any(m.startswith("exiting: 1 completed, 0 dead-lettered") for m in messages), messages
     finally:
         worker.kill()
     attributes = sqs.get_queue_attributes(
@@ -200,3 +201,62 @@ def test_readiness_goes_away_while_draining_and_metrics_count_the_work(
     )["Attributes"]
     assert attributes == {"ApproximateNumberOfMessages": "0", "ApproximateNumberOfMessagesNotVisible": "0"}
     assert re.fullmatch(r"[0-9a-f-]{36}", (gate / "started").read_text())
+
+
+@pytest.mark.slow
+def test_second_signal_stops_at_once_without_settling(tmp_path: Path, sqs_endpoint: str) -> None:
+    sqs: Any = boto3.client(
+        "sqs",
+        endpoint_url=sqs_endpoint,
+        region_name=REGION,
+        aws_access_key_id=CREDENTIALS["access_key_id"],
+        aws_secret_access_key=CREDENTIALS["secret_access_key"],
+    )
+    name = f"second-{uuid.uuid4().hex[:8]}.fifo"
+    url = sqs.create_queue(QueueName=name, Attributes={"FifoQueue": "true", "VisibilityTimeout": "30"})[
+        "QueueUrl"
+    ]
+    sqs.send_message(QueueUrl=url, MessageBody="{}", MessageGroupId="g1", MessageDeduplicationId="m1")
+    (tmp_path / "blocking_actor.py").write_text(BLOCKING_ACTOR)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    env = {
+        "QUEUE_PROVIDER": "aws",
+        "AWS_ENDPOINT_URL_SQS": sqs_endpoint,
+        "AWS_ACCESS_KEY_ID": CREDENTIALS["access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": CREDENTIALS["secret_access_key"],
+        "AWS_REGION": REGION,
+        "QUEUE_RECEIVE_TIMEOUT_SECONDS": "1",
+        "GATE_DIR": str(gate),
+    }
+    worker = WorkerProcess(
+        ["blocking_actor:Blocking", "-q", name, "--shutdown-grace", "60"], env=env, cwd=tmp_path
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not (gate / "started").exists():
+            assert time.monotonic() < deadline and worker.process.poll() is None, worker.log
+            time.sleep(0.05)
+        worker.terminate()
+        worker.wait_for("draining")
+        time.sleep(0.5)
+        assert worker.process.poll() is None  # the handler is still running: still draining
+        started = time.monotonic()
+        worker.terminate()
+        assert worker.wait(timeout=15) == 0, worker.log
+        assert time.monotonic() - started < 10  # not the 60 s grace
+        assert "second signal: stopping at once" in worker.log
+        assert "stopped before the drain finished" in worker.log
+        assert "drained:" not in worker.log
+        assert "exiting: 0 completed" in worker.log
+    finally:
+        worker.kill()
+    # Nothing was settled: the message is still in the queue (in flight until its lock lapses).
+    attributes = sqs.get_queue_attributes(
+        QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+    )["Attributes"]
+    assert (
+        int(attributes["ApproximateNumberOfMessages"])
+        + int(attributes["ApproximateNumberOfMessagesNotVisible"])
+        == 1
+    )

@@ -121,8 +121,12 @@ async def serve_worker(
                 # while start-up retries a slow broker.
                 await _start_endpoints(nursery, supervisor, metrics_host, metrics_port)
 
+            drained = False
+
             async def serve(task_status: trio.TaskStatus[None]) -> None:
+                nonlocal drained
                 await supervisor.serve(task_status=task_status)
+                drained = True
                 nursery.cancel_scope.cancel()  # drained: stop the signal watcher and endpoints
 
             await nursery.start(serve)
@@ -143,6 +147,17 @@ async def serve_worker(
             if on_started is not None:
                 on_started(supervisor)
             task_status.started(supervisor)
+        if drained:
+            supervisor.telemetry.log(
+                20, "drained: running work settled, the rest handed back", operation="shutdown"
+            )
+        else:
+            supervisor.telemetry.log(
+                30,
+                "stopped before the drain finished: running handle() calls were cancelled and their"
+                " messages left to the broker",
+                operation="shutdown",
+            )
         return supervisor.stats()
     except BaseExceptionGroup as group:
         # The nursery wraps even a lone start-up error (QueueNotFound, a port in use) in a

@@ -229,7 +229,7 @@ def run_worker(args: argparse.Namespace) -> int:
     except QueueError as error:
         raise CommandError(f"{type(error).__name__}: {error}", 1) from error
     log.info(
-        "drained: %d completed, %d dead-lettered, %d handed back; exiting",
+        "exiting: %d completed, %d dead-lettered, %d handed back",
         stats.completed,
         stats.dead_lettered,
         stats.abandoned,
