@@ -4,6 +4,7 @@ process that drains on SIGTERM and exits 0, with text and JSON logs."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import uuid
@@ -21,7 +22,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setattr(sys, "modules", dict(sys.modules))
-    for name in [k for k in list(__import__("os").environ) if k.startswith(("QUEUE_", "AWS_"))]:
+    for name in [k for k in os.environ if k.startswith(("QUEUE_", "AWS_"))]:
         monkeypatch.delenv(name)
     (tmp_path / "good_actors.py").write_text(
         "from queue_runtime import SessionActor\n"
