@@ -810,7 +810,8 @@ def test_missing_sdk_through_the_real_adapter_module(
     # Make the SDK unimportable (None in sys.modules) and forget the adapter so it re-imports.
     for name in [n for n in sys.modules if n == f"queue_runtime.providers.{module}"]:
         monkeypatch.delitem(sys.modules, name)
-    for name in sdk:
+    # Submodules too: once another test imported them, they would be found in sys.modules.
+    for name in [n for n in sys.modules if any(n == s or n.startswith(f"{s}.") for s in sdk)] + list(sdk):
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ConfigurationError, match=rf"needs the {provider} extra"):
         create_provider(load_settings(env={"QUEUE_PROVIDER": provider}))
