@@ -438,7 +438,8 @@ class Session:
             message = mailbox.popleft()
             if not await self._process(actor, message):
                 return "shutdown"
-            idle_deadline = trio.current_time() + idle
+            if not mailbox:  # only a receive reads it: no clock read per prefetched message
+                idle_deadline = trio.current_time() + idle
 
     async def _concurrent_loop(self, actor: SessionActor[Any], concurrency: int) -> StopReason:
         rt = self.runtime
@@ -704,7 +705,12 @@ class Session:
         deadline = self.receiver.locked_until or message.locked_until
         try:
             with self.runtime.telemetry.settle_span(operation, message):
-                await _settle_with_retry(call, deadline)
+                try:
+                    await call()  # the first call direct: no retry machinery unless needed
+                except QueueError as error:
+                    if not error.transient:
+                        raise
+                    await _retry_settle(call, error, deadline)
         except _LOCK_ERRORS as error:
             if self.session_id is None:
                 # Only this message's lock is gone; it will be redelivered.
@@ -781,17 +787,12 @@ def _bind_dead_letter(
     return dead_letter
 
 
-async def _settle_with_retry(call: Callable[[], Awaitable[None]], deadline: float | None) -> None:
-    """``call_with_retry(call, attempts=SETTLE_ATTEMPTS, deadline=deadline)`` with the first
-    call made directly: the retry machinery (a `Backoff`, its policy) is only built once a
-    transient error happened, not on every settlement."""
-    try:
-        await call()
-        return
-    except QueueError as error:
-        if not error.transient:
-            raise
-        first = error
+async def _retry_settle(
+    call: Callable[[], Awaitable[None]], first: QueueError, deadline: float | None
+) -> None:
+    """The rest of ``call_with_retry(call, attempts=SETTLE_ATTEMPTS, deadline=deadline)`` after
+    a first call failed with the transient ``first``: the retry machinery (a `Backoff`, its
+    policy) is built only then, not on every settlement."""
     backoff = Backoff()
     delay = getattr(first, "retry_after", None) or backoff.next_delay()
     if deadline is not None and trio.current_time() + delay >= deadline:
