@@ -194,6 +194,7 @@ class Supervisor:
         if self._serving:
             raise RuntimeError("serve() is already running")
         self._serving = True
+        self._runtime.bind_clock()
         try:
             info = await self._describe()
             self.queue_info = info
