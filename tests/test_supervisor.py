@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from typing import Any
@@ -207,7 +208,7 @@ async def test_retry_backoff_follows_policy(autojump_clock: Any) -> None:
     async with InMemoryProvider() as provider:
         await provider.send(QUEUE, [Message(b"x", session_id="a")])
         await run_for(Supervisor(provider, Flaky, config(retry=policy)), 30)
-    gaps = [round(b - a, 6) for a, b in zip(times, times[1:], strict=False)]
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise(times)]
     assert gaps == [1.0, 3.0, 9.0]
 
 
@@ -307,7 +308,7 @@ async def test_lock_renewed_while_handler_outlives_the_lock(autojump_clock: Any)
     assert done_order(log, "a") == [1, 2]
     assert stats.lock_lost == 0
     assert stats.lock_renewals >= 15  # 30 s of handling on a 2 s lock renewed every ~1 s
-    assert [e for e in log.events if e[0] == "start"][0][4] == 1  # never redelivered
+    assert next(e for e in log.events if e[0] == "start")[4] == 1  # never redelivered
 
 
 async def test_idle_session_keeps_its_lock_renewed(autojump_clock: Any) -> None:
@@ -323,7 +324,7 @@ async def test_idle_session_keeps_its_lock_renewed(autojump_clock: Any) -> None:
 async def test_lock_loss_cancels_handle_and_settles_nothing(autojump_clock: Any) -> None:
     log = Log()
     async with InMemoryProvider(lock_duration=4.0) as provider:
-        [mid] = await send(provider, "a", Event(n=1, sleep=100))
+        await send(provider, "a", Event(n=1, sleep=100))
         supervisor = Supervisor(
             provider, make_actor(log), config(session_idle_timeout=1000, shutdown_grace=1)
         )
