@@ -25,25 +25,7 @@ class SqsHarness:
     name: ClassVar[str] = "sqs"
     real_time: ClassVar[bool] = True
     skip_reason: ClassVar[str | None] = None
-    skip_behaviours: ClassVar[Mapping[str, str]] = {
-        # SQS FIFO withholds a group while any of its messages is in flight, so releasing
-        # message k must release k+1..n too, and SQS counts every receive: m2 comes back
-        # with ApproximateReceiveCount 2.
-        "abandon_redelivers_first_with_count_plus_one": (
-            "SQS FIFO: abandoning k releases k+1..n of the group too (order), and SQS counts their"
-            " receive, so the later messages come back with delivery_count + 1"
-        ),
-        # Same cause: each abandon-and-close cycle releases the batch-mates of the poison
-        # message too, so they reach maxReceiveCount with it and SQS redrives them as well.
-        "broker_dead_letters_after_max_delivery_count": (
-            "SQS FIFO: messages received in the same batch as the poison one are released with it,"
-            " so SQS's redrive counts them too and moves them to the DLQ with it"
-        ),
-        "queue_stats_depth_counts": (
-            "the SQS adapter receives whole batches (up to 10) and buffers them per group, so"
-            " ApproximateNumberOfMessagesNotVisible counts buffered messages, not only handed-out ones"
-        ),
-    }
+    skip_behaviours: ClassVar[Mapping[str, str]] = {}
 
     lock_duration: float = 3.0
     max_delivery_count: int = 3
