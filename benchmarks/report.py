@@ -73,7 +73,7 @@ def render(results: Path = RESULTS_DIR) -> str:
         if name in data:
             lines.extend(sections[name](data[name]))
             lines.append("")
-    lines.extend(NOTES)
+    lines.extend(_notes(data))
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -177,7 +177,118 @@ def _scaling(d: dict[str, Any]) -> list[str]:
     ]
 
 
-NOTES: list[str] = []
+def _notes(data: dict[str, dict[str, Any]]) -> list[str]:
+    """What limits what, with the figures that show it."""
+    out = ["## What limits what", ""]
+    if "throughput" in data:
+        rows = data["throughput"]["rows"]
+        at200 = _row(rows, "sessions", 200)
+        ratios = ", ".join(f"{r['sessions']}: {r['ratio']:.2f}" for r in rows)
+        met = at200 is not None and at200["ratio"] >= 0.8
+        out += [
+            f"- **In-memory throughput (ratio by sessions: {ratios}).** The target (>= 0.8 from 100",
+            "  sessions, parity as the aim) is " + ("met." if met else "**not met**."),
+            "  The hand-written pipeline has no broker: it never builds a `Message` (uuid4 id and",
+            "  validation), never stores, locks, copies or settles one. The runtime does all of that",
+            "  through the in-memory broker, plus a `MessageContext`, the process-duration histogram",
+            "  and span checks, and the counters, for every message. Counted with cProfile, the",
+            "  runtime path makes about 200 Python function calls per message against about 73 for",
+            "  the hand-written one (trio's own scheduling included in both), and that ratio is what",
+            "  the table shows. The changes made in this round (each its own commit, numbers in the",
+            "  commit message): settlement without building a retry `Backoff` per call; one cancel",
+            "  scope per ordered session loop instead of one per receive and per `handle()` (trio",
+            "  cancel scopes were ~24% of the profile); renewal re-scheduled only when the lock",
+            "  deadline moved; the run's clock read directly (three calls fewer per read). Together:",
+            "  ~187 -> ~90-115 us of CPU per message at 200 sessions on this box (noisy; the",
+            "  hand-written pipeline is 31-39 us). What is left is spread thin: producer-side",
+            "  validation and uuid4 (~20 calls/message), the broker's send/receive/complete",
+            "  bookkeeping (~60), telemetry calls that are no-ops without an SDK (~12), session loop",
+            "  and context (~40), trio scheduling. Reaching parity needs a different shape (batched",
+            "  settlement in the provider interface, a cheaper delivery record), not more trimming.",
+        ]
+    if "memory" in data:
+        rows = data["memory"]["rows"]
+        figures = ", ".join(f"{r['sessions']:,}: {r['kib_per_session']:.1f} KiB" for r in rows)
+        out += [
+            f"- **Memory ({figures}).** Target <= 12 KiB per active session: met at every size,",
+            "  5,000 and 100,000 included. What one session holds (not broken down here): its trio",
+            "  task and coroutine frames, the actor instance, the receiver and the broker's session",
+            "  record, the delivered message, the `MessageContext`. Lock renewal is one shared task",
+            "  (a heap) for all sessions, so it adds no task per session. The ramp-up column is the",
+            "  time until all N handlers run; a py-spy profile of a 30k run pointed at allocation",
+            "  sites (cyclic GC passes over a growing heap) and trio scheduling.",
+        ]
+    if "latency" in data:
+        rows = data["latency"]["rows"]
+        out += [
+            f"- **Latency.** send -> `handle()` p50 {rows[0]['p50_us']:.0f} us covers the broker's send,",
+            "  waking the session's waiting receive (trio reschedules the task), the receive itself,",
+            "  decoding and building the `MessageContext`. Return -> completed p50"
+            f" {rows[1]['p50_us']:.0f} us is the broker's `complete` (a checkpoint: one trip",
+            "  through trio's scheduler) plus",
+            "  counters and telemetry. p99 and max include whatever else ran on the shared box at",
+            "  the time; they were not investigated further.",
+        ]
+    if "sqs" in data:
+        d = data["sqs"]
+        runtime, hand = d["rows"]
+        cpu_met = d["cpu_ratio_runtime_over_hand_written"] <= 1.25
+
+        def deletes(row: dict[str, Any]) -> float:
+            return float(row["calls_by_operation_per_try"].get("DeleteMessageBatch", 0))
+
+        calls_met = d["calls_ratio_runtime_over_hand_written"] <= 1.0
+        out += [
+            "- **SQS.** msgs/s is moto's speed, not the clients': moto's FIFO receive costs about 1 ms",
+            "  per queued message and its dev server opens a connection per call. Targets: CPU/msg",
+            "  <= 1.25x the hand-written loop is " + ("met" if cpu_met else "**not met**") + ", no more",
+            "  API calls per message is " + ("met" if calls_met else "**not met**") + ". Where the extra",
+            f"  calls come from: the runtime makes {deletes(runtime):g} `DeleteMessageBatch` per try"
+            f" against {deletes(hand):g}.",
+            "  The SQS provider flushes queued deletes before every poll (so that SQS releases the held",
+            "  groups), and a poll starts as soon as the first session's buffer is empty, while the",
+            "  other sessions of the batch are still handling theirs; their deletes go in the next",
+            "  flush, so each receive is followed by about two delete calls instead of one. The",
+            "  steady-state profile of the runtime side is dominated by the HTTP calls (botocore",
+            "  serialise/sign/parse, httpx, and a TCP connect per call: moto's server closes the",
+            "  connection after each response), so the CPU ratio follows the call ratio. The fix",
+            "  belongs in the SQS provider's flush/poll",
+            "  policy (for example: let the sessions woken by one poll settle before the next flush,",
+            "  or flush only the groups that hold no buffered messages); a quick experiment that only",
+            "  yielded once before the flush cut deletes by a quarter but added receives.",
+        ]
+    if "telemetry_cost" in data:
+        rows = data["telemetry_cost"]["rows"]
+        rel = {r["mode"]: r["relative_to_off"] for r in rows}
+        out += [
+            f"- **Telemetry.** Metrics on: {rel.get('metrics', 0):.2f}x the throughput with no SDK;"
+            f" tracing on (always-on): {rel.get('tracing', 0):.2f}x. With an SDK every message records",
+            "  several instruments with attribute sets, and with tracing three spans (receive, process,",
+            "  complete) plus context propagation; a production deployment would sample traces.",
+        ]
+    if "scaling" in data:
+        d = data["scaling"]
+        by_s = d["by_sessions"]
+        by_c = d["by_concurrency"]
+        cpu_peak = max(by_s, key=lambda r: r["cpu_msgs_per_s"])
+        io_peak = max(by_s, key=lambda r: r["io_msgs_per_s"])
+        c1 = by_c[0]
+        c_best = max(by_c, key=lambda r: r["io_msgs_per_s"])
+        out += [
+            "- **Scaling.** With the handler that does no I/O the runtime is CPU-bound: the best rate",
+            f"  ({cpu_peak['cpu_msgs_per_s']:,} msg/s) is at {cpu_peak['sessions']:,} session(s); with more",
+            "  sessions each message wakes a different session task, and at thousands of sessions",
+            "  (a few messages each) accepting and starting sessions is a large share. With the 1 ms",
+            "  handler one session is bound by the handler (at most ~1,000 msg/s in order), more",
+            f"  sessions overlap the waits up to the CPU limit (best {io_peak['io_msgs_per_s']:,} msg/s at"
+            f" {io_peak['sessions']:,} sessions).",
+            f"  `per_session_concurrency` (at {c1['sessions']} sessions): with the 1 ms handler it goes from"
+            f" {c1['io_msgs_per_s']:,} msg/s at 1 to {c_best['io_msgs_per_s']:,} msg/s at"
+            f" {c_best['per_session_concurrency']} (it gives up order within a session); with the CPU-only",
+            "  handler it can only add overhead (a worker task per slot, a channel hand-off and a",
+            "  cancel scope per message).",
+        ]
+    return out
 
 
 def write_report(results: Path = RESULTS_DIR, path: Path = DOCS_DIR / "benchmarks.md") -> Path:

@@ -23,16 +23,16 @@ PLANS: dict[str, dict[str, Any]] = {
     "quick": {
         "sessions": (1, 10, 100, 1_000, 10_000),
         "concurrency": (1, 2, 4, 8, 16),
-        "fixed_sessions": 20,
+        "fixed_sessions": 2,
         "messages": 8_000,
         "tries": 1,
     },
     "full": {
         "sessions": (1, 10, 30, 100, 300, 1_000, 3_000, 10_000),
         "concurrency": (1, 2, 4, 8, 16, 32),
-        "fixed_sessions": 20,
-        "messages": 20_000,
-        "tries": 3,
+        "fixed_sessions": 2,
+        "messages": 10_000,
+        "tries": 1,
     },
 }
 

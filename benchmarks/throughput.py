@@ -20,7 +20,7 @@ PLANS = {
     # size: (session counts, tries per side, messages for a session count)
     "tiny": ((10, 200), 1, lambda s: 400),
     "quick": ((10, 100, 200, 1_000, 10_000), 3, lambda s: max(10_000, 2 * s)),
-    "full": ((10, 100, 200, 1_000, 10_000), 5, lambda s: max(30_000, 4 * s)),
+    "full": ((10, 100, 200, 1_000, 10_000), 3, lambda s: max(20_000, 4 * s)),
 }
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
+from pathlib import Path
 from typing import Any
 
 from .common import CommandError
@@ -37,7 +39,18 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=_bench)
 
 
+def _find_checkout() -> None:
+    """Make ``benchmarks`` importable: the current directory or this source tree's root (a
+    console script's ``sys.path`` holds neither)."""
+    for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
+        if (root / "benchmarks" / "__init__.py").is_file():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            return
+
+
 def _bench(args: argparse.Namespace) -> int:
+    _find_checkout()
     try:
         package = importlib.import_module("benchmarks")
         entry = importlib.import_module("benchmarks.__main__")
