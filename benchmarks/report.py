@@ -113,6 +113,8 @@ def _memory(d: dict[str, Any]) -> list[str]:
         "idle and again once all N handlers block on one shared event at the same time. The",
         "difference over N is what one active session costs: actor, session task, receiver,",
         "delivered message, context, runtime bookkeeping (the stored messages are not counted).",
+        "The broker's lock duration is 1 h here so that no lock expires during a slow ramp-up: this",
+        "measures memory, not renewal throughput (the shared renewer runs all the same).",
         "",
         d["table"],
     ]
@@ -216,7 +218,11 @@ def _notes(data: dict[str, dict[str, Any]]) -> list[str]:
             "  record, the delivered message, the `MessageContext`. Lock renewal is one shared task",
             "  (a heap) for all sessions, so it adds no task per session. The ramp-up column is the",
             "  time until all N handlers run; a py-spy profile of a 30k run pointed at allocation",
-            "  sites (cyclic GC passes over a growing heap) and trio scheduling.",
+            "  sites (cyclic GC passes over a growing heap) and trio scheduling. A limit seen on the",
+            "  way: an earlier 100k run with the default 60 s lock, while the box was heavily loaded",
+            "  by other jobs, took ~10 min to ramp up and lost locks on the way (100k sessions need",
+            "  ~3,300 renewals/s at half-life; the renewer is one task running 32 renewals at once).",
+            "  Size `max_concurrent_sessions` and the lock duration together.",
         ]
     if "latency" in data:
         rows = data["latency"]["rows"]
