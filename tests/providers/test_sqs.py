@@ -831,3 +831,39 @@ async def test_supervisor_on_sqs_keeps_order_renews_and_dead_letters(
     [dead] = await provider.peek_dead_letters(queue)
     assert dead.message.body == b"g2-1" and dead.dead_letter_reason == "Poison"
     assert await depth(provider, queue) == 0
+
+
+async def test_supervisor_deletes_one_receive_batch_across_groups_in_one_call(
+    provider: SqsProvider, make_queue: MakeQueue
+) -> None:
+    """Ten groups, one message each, arrive in one receive; the sessions settle them within the
+    poll's settle window, so their deletes leave in a single DeleteMessageBatch (as a
+    hand-written receive-10 / process / delete-batch loop would), not one call per poll."""
+    from queue_runtime.actor import MessageContext, SessionActor
+    from queue_runtime.config import SupervisorConfig
+    from queue_runtime.supervisor import Supervisor
+
+    queue = await make_queue(visibility=30)
+    handled: list[str] = []
+
+    class Fast(SessionActor[bytes]):
+        async def handle(self, message: bytes, ctx: MessageContext) -> None:
+            handled.append(message.decode())
+
+    for round_ in range(3):
+        await provider.send(
+            queue, [Message(body=f"g{g}-{round_}".encode(), session_id=f"g{g}") for g in range(10)]
+        )
+    receives_before = provider.api_calls["ReceiveMessage"]
+    config = SupervisorConfig(queue=queue, session_idle_timeout=2.0, receive_timeout=1.0)
+    supervisor = Supervisor(provider, Fast, config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.serve)
+        with trio.move_on_after(20):
+            while len(handled) < 30:
+                await trio.sleep(0.05)
+        supervisor.stop()
+    assert sorted(handled) == sorted(f"g{g}-{r}" for g in range(10) for r in range(3))
+    receives = provider.api_calls["ReceiveMessage"] - receives_before
+    # Every delete batch is full: 30 completions, 3 calls (before: about two calls per poll).
+    assert provider.api_calls["DeleteMessageBatch"] <= 4, (provider.api_calls, receives)

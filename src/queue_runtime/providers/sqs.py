@@ -141,6 +141,7 @@ class _QueueState:
     pending: dict[str, _Pending] = field(default_factory=dict)
     receivers: dict[str, SqsSessionReceiver] = field(default_factory=dict)
     deletes: list[_Record] = field(default_factory=list)
+    settled: trio.Event = field(default_factory=trio.Event)
 
 
 #: How long before a receive's response arrives SQS may have picked its messages (and
@@ -148,6 +149,12 @@ class _QueueState:
 #: so the request's start would make deadlines far too early; the response's arrival minus
 #: this margin is a safe bound unless the response takes longer than this to reach us.
 RESPONSE_MARGIN: Final = 1.0
+
+#: How long a poll waits for the messages of the previous batch that other sessions are still
+#: handling to be completed, so their deletes leave in one DeleteMessageBatch with the
+#: poller's (as a hand-written "receive 10, process, delete the batch" loop does) rather than
+#: one delete call per poll. Short: it delays only the poll, never a handler.
+SETTLE_WINDOW: Final = 0.02
 
 
 #: One botocore session per profile for the process: a session loads and caches the service
@@ -628,7 +635,8 @@ class SqsProvider(Provider):
         with trio.CancelScope(shield=True), trio.move_on_after(self._close_timeout):
             for state in list(self._states.values()):
                 with contextlib.suppress(QueueError):
-                    await self._flush(state, force=True)
+                    while state.deletes:  # a forced flush sends what was queued when it began
+                        await self._flush(state, force=True)
                 records = [r for pending in state.pending.values() for r in pending.records]
                 state.pending.clear()
                 with contextlib.suppress(QueueError):
@@ -693,6 +701,7 @@ class SqsProvider(Provider):
         state.polling = True
         state.poll_done = trio.Event()
         try:
+            await self._await_settled(state)
             # Held groups get no more messages from SQS while any of theirs is in flight.
             try:
                 await self._flush(state, force=True)
@@ -743,6 +752,24 @@ class SqsProvider(Provider):
         finally:
             state.polling = False
             state.poll_done.set()
+
+    async def _await_settled(self, state: _QueueState) -> None:
+        """Wait up to `SETTLE_WINDOW` while messages this queue's sessions received are still
+        unsettled (buffered or being handled; woken at each completion)."""
+
+        def unsettled() -> bool:
+            return any(
+                record.state is _State.OUT or record.state is _State.BUFFERED
+                for receiver in state.receivers.values()
+                for record in receiver._held.values()
+            )
+
+        if not unsettled():
+            return
+        with trio.move_on_after(SETTLE_WINDOW):
+            while unsettled():
+                state.settled = trio.Event()
+                await state.settled.wait()
 
     async def _poll_wait(self, state: _QueueState, remaining: float) -> int:
         """The long-poll wait (whole seconds) for the next receive. With unclaimed sessions
@@ -866,7 +893,11 @@ class SqsProvider(Provider):
         On a failed call the batch goes back to the queue and the error is raised; entries SQS
         refuses one by one are logged and counted (``delete_failures``), not retried.
         """
-        while state.deletes and (force or len(state.deletes) >= BATCH):
+        # A forced flush sends what is queued now; deletes queued while its calls are in
+        # flight wait for the next flush (a lone straggler would cost a call of its own).
+        budget = len(state.deletes) if force else 0
+        while state.deletes and (budget > 0 or len(state.deletes) >= BATCH):
+            budget -= min(BATCH, len(state.deletes))
             batch = state.deletes[:BATCH]
             del state.deletes[:BATCH]
             entries = [{"Id": str(i), "ReceiptHandle": r.receipt} for i, r in enumerate(batch)]
@@ -1008,6 +1039,7 @@ class _ReceiverBase(Receiver):
     async def _queue_delete(self, record: _Record, state: _QueueState) -> None:
         record.state = _State.DELETING
         state.deletes.append(record)
+        state.settled.set()  # a poll may be waiting for this batch to settle
         await self._provider._maybe_flush(state)
 
     async def dead_letter(
