@@ -746,9 +746,6 @@ async def test_worker_against_unreachable_namespace_exits_with_one_line_and_no_k
     assert result.returncode not in (0, None)
     assert KEY not in out
     assert "SharedAccessKey=***" in out  # the echoed connection string was redacted, not dropped
-    if "Traceback" in out and "ExceptionGroup" in out:
-        # Not this provider's part: the entrypoint must unwrap trio's ExceptionGroup.
-        pytest.xfail("entrypoint.run prints a traceback for a QueueError wrapped in an ExceptionGroup")
     assert "Traceback" not in out
     error_lines = [line for line in out.splitlines() if line.startswith("queue-runtime: error:")]
     assert len(error_lines) == 1, out
