@@ -459,19 +459,20 @@ async def test_many_waiting_acceptors_each_get_a_distinct_session(autojump_clock
 
 
 async def test_a_cancelled_waiter_passes_its_wakeup_on(autojump_clock: Any) -> None:
-    from queue_runtime.providers.memory import _Waiters
+    from queue_runtime.providers.memory import _Alarm, _Waiters
 
     waiters = _Waiters()
+    alarm = _Alarm()
     woken: list[str] = []
     cancel_first = trio.CancelScope()
 
     async def first() -> None:
         with cancel_first:
-            await waiters.wait(1000)
+            await waiters.wait(1000, alarm)
             woken.append("first")
 
     async def second() -> None:
-        await waiters.wait(1000)
+        await waiters.wait(1000, alarm)
         woken.append("second")
 
     async with trio.open_nursery() as nursery:
@@ -618,3 +619,48 @@ async def test_ready_heap_holds_one_entry_per_waiting_session(autojump_clock: An
     await receiver.aclose()  # back in the heap once, ahead of the others (oldest head)
     assert len(internal(provider).ready) == 100
     assert (await accept(provider)).session_id == receiver.session_id
+
+
+async def test_timed_waits_wake_at_their_own_deadlines(autojump_clock: Any) -> None:
+    """The alarm wakes each timed wait at its deadline, also one added later with an earlier
+    deadline than the alarm's current sleep."""
+    from queue_runtime.providers.memory import _Alarm, _Waiters
+
+    waiters = _Waiters()
+    alarm = _Alarm()
+    woke: dict[str, float] = {}
+
+    async def wait(name: str, until: float) -> None:
+        await waiters.wait(until, alarm)
+        woke[name] = trio.current_time()
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait, "late", start + 100)
+        await trio.sleep(1)
+        nursery.start_soon(wait, "early", start + 10)
+        nursery.start_soon(wait, "middle", start + 50)
+    assert woke == {"early": start + 10, "middle": start + 50, "late": start + 100}
+
+
+async def test_alarm_stays_bounded_when_waits_end_early(autojump_clock: Any) -> None:
+    """Waits notified long before their deadline leave stale alarm entries; the alarm drops
+    them, so its heap is bounded by the waiting tasks, not by how many waits there were."""
+    from queue_runtime.providers.memory import _Alarm, _Waiters
+
+    waiters = _Waiters()
+    alarm = _Alarm()
+    largest = 0
+
+    async def one_wait(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await waiters.wait(trio.current_time() + 1000, alarm)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5000):
+            await nursery.start(one_wait)
+            await trio.lowlevel.checkpoint()  # let it park
+            waiters.notify()
+            largest = max(largest, len(alarm._heap))
+    assert alarm.live == 0
+    assert largest <= 2 * 1 + 65

@@ -15,10 +15,16 @@ Model, in short:
   scheduled message comes due). Within a session, messages are delivered in sequence order;
   an abandoned or expired message goes back to its place, before any later one.
 * Locks (message and session) last ``lock_duration`` seconds on ``trio.current_time()``, so
-  tests run the broker on ``MockClock``. There are no background tasks: lock expiry, TTL and
-  scheduled messages are evaluated lazily whenever a queue is touched, from a per-queue heap
-  of timed events, and a waiting ``receive`` / ``accept_session`` also wakes at the next timed
-  event, so a lock that expires while everyone waits is noticed on time.
+  tests run the broker on ``MockClock``. Lock expiry, TTL and scheduled messages are
+  evaluated lazily whenever a queue is touched, from a per-queue heap of timed events, and a
+  waiting ``receive`` / ``accept_session`` also wakes at the next timed event, so a lock that
+  expires while everyone waits is noticed on time. The only task is an alarm (a trio system
+  task, one per provider and run) that wakes timed waits: a cancel scope per wait would cost
+  more than the rest of a receive.
+* Scheduling: ``complete``, ``abandon`` and ``dead_letter`` never wait, so they are
+  cancellation points but not scheduling points (like ``trio.MemorySendChannel.send_nowait``
+  after a cancel check); ``receive`` passes through the scheduler once per call, by waiting
+  or by a shielded checkpoint, as ``trio.MemoryReceiveChannel.receive`` does.
 * Delivery counting: the first delivery has ``delivery_count`` 1; every later one (after
   abandon, lock expiry, or release of a session that held it) is one more. A message whose
   next delivery would exceed the queue's ``max_delivery_count`` is moved to the dead-letter
@@ -121,38 +127,127 @@ class _Rec:
         self.dead_letter_source: str | None = None
 
 
-class _Waiters:
-    """Tasks waiting for something to become available, woken one at a time (no herd).
+class _Wait:
+    """One parked task: woken by a notification, by its deadline (through the alarm), or
+    cancelled."""
 
-    A waiter that was woken but leaves because it is cancelled passes the wake-up on, so a
-    notification is never lost.
+    __slots__ = ("alarm", "key", "owner", "parked", "task", "until")
+
+    def __init__(self, owner: _Waiters, key: int, until: float) -> None:
+        self.owner = owner
+        self.key = key
+        self.until = until
+        self.task = trio.lowlevel.current_task()
+        self.parked = True
+        self.alarm: _Alarm | None = None
+
+    def leave(self) -> None:
+        """No longer parked (woken or aborted): its alarm entry, if any, is stale now."""
+        self.parked = False
+        if self.alarm is not None:
+            self.alarm.live -= 1
+
+    def wake(self) -> None:
+        self.leave()
+        trio.lowlevel.reschedule(self.task)
+
+
+class _Alarm:
+    """Wakes the timed waits of one provider from one task.
+
+    trio's only timer is a cancel scope's deadline, and a cancel scope per wait cost about as
+    much as the rest of a receive (measured: a wait inside ``move_on_at`` is ~18 us dearer than
+    a plain park). So waits park without one, and this alarm — one trio system task per
+    provider and run, started at the first timed wait — sleeps until the earliest deadline and
+    wakes whoever is due. A wait that ends early leaves a stale entry in the heap; the heap is
+    compacted when stale entries outnumber live ones (amortised O(1) per wait), so it stays
+    bounded by the number of waiting tasks. The task ends with the run or at
+    `InMemoryProvider.aclose`, and never raises.
+    """
+
+    __slots__ = ("_count", "_heap", "_scope", "_sleep", "_token", "live")
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _Wait]] = []
+        self._count = itertools.count()
+        self.live = 0  # parked waits in the heap
+        self._scope: trio.CancelScope | None = None  # the task's own: cancelled by close()
+        self._sleep: trio.CancelScope | None = None  # its current sleep, until the earliest deadline
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    def add(self, wait: _Wait) -> None:
+        wait.alarm = self
+        self.live += 1
+        heap = self._heap
+        if len(heap) > 2 * self.live + 64:
+            heap[:] = [entry for entry in heap if entry[2].parked]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (wait.until, next(self._count), wait))
+        token = trio.lowlevel.current_trio_token()
+        if token is not self._token:
+            # First timed wait of this run: an earlier run's alarm task ended with that run.
+            self._token = token
+            self._scope = trio.CancelScope()
+            self._sleep = None
+            trio.lowlevel.spawn_system_task(self._run, self._scope, name="queue_runtime.memory.alarm")
+        elif self._sleep is not None and wait.until < self._sleep.deadline:
+            self._sleep.deadline = wait.until
+
+    def close(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def _run(self, scope: trio.CancelScope) -> None:
+        heap = self._heap
+        with scope:
+            while True:
+                now = trio.current_time()
+                while heap and (heap[0][0] <= now or not heap[0][2].parked):
+                    wait = heapq.heappop(heap)[2]
+                    if wait.parked:
+                        wait.owner.discard(wait)
+                        wait.wake()
+                with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as sleep:
+                    self._sleep = sleep
+                    await trio.sleep_forever()
+
+
+class _Waiters:
+    """Tasks waiting for something to become available, woken one at a time (no herd), in
+    the order they began waiting.
+
+    A woken waiter always returns normally (a cancellation arriving afterwards is seen at its
+    next checkpoint), so a notification is never lost to a cancelled waiter.
     """
 
     __slots__ = ("_counter", "_waiting")
 
     def __init__(self) -> None:
-        self._waiting: OrderedDict[int, trio.Event] = OrderedDict()
+        self._waiting: OrderedDict[int, _Wait] = OrderedDict()
         self._counter = itertools.count()
 
-    async def wait(self, until: float) -> None:
+    async def wait(self, until: float, alarm: _Alarm) -> None:
         """Return when notified or at ``until`` (trio clock). Cancellable."""
-        key = next(self._counter)
-        event = trio.Event()
-        self._waiting[key] = event
-        try:
-            with trio.move_on_at(until):
-                await event.wait()
-        except trio.Cancelled:
-            if event.is_set():
-                self.notify()
-            raise
-        finally:
-            self._waiting.pop(key, None)
+        wait = _Wait(self, next(self._counter), until)
+        self._waiting[wait.key] = wait
+        if until != math.inf:
+            alarm.add(wait)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            wait.leave()
+            self.discard(wait)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def discard(self, wait: _Wait) -> None:
+        self._waiting.pop(wait.key, None)
 
     def notify(self, count: int = 1) -> None:
-        while count > 0 and self._waiting:
-            _, event = self._waiting.popitem(last=False)
-            event.set()
+        waiting = self._waiting
+        while count > 0 and waiting:
+            _, wait = waiting.popitem(last=False)
+            wait.wake()
             count -= 1
 
     def notify_all(self) -> None:
@@ -277,6 +372,7 @@ class InMemoryProvider(Provider):
         self._tokens = itertools.count(1)
         self._tiebreak = itertools.count()
         self._closed = False
+        self._alarm = _Alarm()
         self._wall_epoch: datetime | None = None
         self._trio_epoch = 0.0
         try:
@@ -391,6 +487,20 @@ class InMemoryProvider(Provider):
     async def _enter(self, operation: str) -> None:
         """Checkpoint first (cancellation changes nothing), then raise an injected fault."""
         await trio.lowlevel.checkpoint()
+        self._admit(operation)
+
+    async def _enter_nowait(self, operation: str) -> None:
+        """A cancellation point without a scheduling point, for calls that never wait.
+
+        Raises ``trio.Cancelled`` when the caller is cancelled (before anything changed), then
+        a closed provider's error or an injected fault. It does not yield to the scheduler: a
+        trip through trio's run loop costs about as much as a settlement itself, and the
+        consumer's ``receive`` yields anyway (as ``trio.MemoryReceiveChannel.receive`` does).
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._admit(operation)
+
+    def _admit(self, operation: str) -> None:
         if self._closed:
             raise QueueError("the in-memory provider is closed")
         faults = self._faults.get(operation)
@@ -758,7 +868,7 @@ class InMemoryProvider(Provider):
                 if q.ready:
                     q.waiters.notify()  # a wake-up may have raced our timeout: pass it on
                 return None
-            await q.waiters.wait(min(deadline, self._next_event(q)))
+            await q.waiters.wait(min(deadline, self._next_event(q)), self._alarm)
 
     async def open_receiver(self, queue: str, *, dead_letter: bool = False) -> Receiver:
         """A receiver for a non-session queue, or for ``queue``'s dead-letter queue."""
@@ -824,6 +934,7 @@ class InMemoryProvider(Provider):
         self._closed = True
         for q in self._queues.values():
             q.waiters.notify_all()
+        self._alarm.close()
 
 
 class _SessionReceiver(Receiver):
@@ -870,10 +981,13 @@ class _SessionReceiver(Receiver):
         """Up to ``max_messages`` of this session's messages, in sequence order, waiting at most
         ``timeout`` seconds for the first. Cancellable: a cancelled call takes nothing."""
         provider = self._provider
-        await provider._enter("receive")
+        # One trip through the scheduler per call, as trio's channels make: either the wait
+        # for a message, or a shielded checkpoint before returning without having waited.
+        await provider._enter_nowait("receive")
         if max_messages < 1:
             raise ValidationError(f"max_messages must be >= 1, got {max_messages!r}")
         deadline = provider._now() + max(timeout, 0.0)
+        waited = False
         while True:
             session = self._check()
             now = provider._now()
@@ -889,14 +1003,16 @@ class _SessionReceiver(Receiver):
                 token = provider._new_token()
                 session.in_flight[token] = head
                 out.append(provider._deliver(self._queue, head, now, session.lock_until, token))
-            if out:
+            if out or now >= deadline:
+                if not waited:
+                    # Shielded: what was taken above is returned even if cancelled meanwhile.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 return out
-            if now >= deadline:
-                return []
-            await session.waiters.wait(min(deadline, provider._next_event(self._queue)))
+            await session.waiters.wait(min(deadline, provider._next_event(self._queue)), provider._alarm)
+            waited = True
 
     async def complete(self, message: ReceivedMessage) -> None:
-        await self._provider._enter("complete")
+        await self._provider._enter_nowait("complete")
         session = self._check()
         rec = self._in_flight(session, message)
         self._provider._remove(self._queue, rec)
@@ -904,7 +1020,7 @@ class _SessionReceiver(Receiver):
 
     async def abandon(self, message: ReceivedMessage, *, delay: float | None = None) -> None:
         """Hand the message back; it is this session's next message again (after ``delay``)."""
-        await self._provider._enter("abandon")
+        await self._provider._enter_nowait("abandon")
         session = self._check()
         rec = self._in_flight(session, message)
         if delay is not None and not (math.isfinite(delay) and delay >= 0):
@@ -916,7 +1032,7 @@ class _SessionReceiver(Receiver):
     async def dead_letter(
         self, message: ReceivedMessage, reason: str, description: str | None = None
     ) -> None:
-        await self._provider._enter("dead_letter")
+        await self._provider._enter_nowait("dead_letter")
         session = self._check()
         rec = self._in_flight(session, message)
         self._provider._to_dead_letter(self._queue, rec, reason, description)
@@ -1022,15 +1138,15 @@ class _QueueReceiver(Receiver):
                 return out
             if now >= deadline:
                 return []
-            await q.waiters.wait(min(deadline, provider._next_event(q)))
+            await q.waiters.wait(min(deadline, provider._next_event(q)), provider._alarm)
 
     async def complete(self, message: ReceivedMessage) -> None:
-        await self._provider._enter("complete")
+        await self._provider._enter_nowait("complete")
         self._check()
         self._provider._remove(self._queue, self._locked(message))
 
     async def abandon(self, message: ReceivedMessage, *, delay: float | None = None) -> None:
-        await self._provider._enter("abandon")
+        await self._provider._enter_nowait("abandon")
         self._check()
         rec = self._locked(message)
         if delay is not None and not (math.isfinite(delay) and delay >= 0):
@@ -1042,7 +1158,7 @@ class _QueueReceiver(Receiver):
     async def dead_letter(
         self, message: ReceivedMessage, reason: str, description: str | None = None
     ) -> None:
-        await self._provider._enter("dead_letter")
+        await self._provider._enter_nowait("dead_letter")
         if self._queue.parent is not None:
             raise NotSupported("a dead-lettered message cannot be dead-lettered again")
         self._check()
