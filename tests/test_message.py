@@ -199,3 +199,32 @@ def test_queue_name_examples(name: str, system: str, valid: bool) -> None:
 def test_queue_name_must_be_a_string() -> None:
     with pytest.raises(ValidationError, match="must be a string"):
         validate_queue_name(None)
+
+
+def test_default_message_ids_are_distinct_uuid4_whatever_the_user_seeds() -> None:
+    import random
+    import uuid
+
+    random.seed(7)
+    first = [Message(b"x").message_id for _ in range(1000)]
+    random.seed(7)
+    second = [Message(b"x").message_id for _ in range(1000)]
+    assert len(set(first + second)) == 2000
+    for text in first[:50]:
+        parsed = uuid.UUID(text)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)
+
+
+def test_a_forked_child_does_not_repeat_the_parents_message_ids() -> None:
+    import os
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next id and leave at once
+        os.write(write, Message(b"x").message_id.encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 100).decode()
+    os.close(read)
+    assert child and child != Message(b"x").message_id
