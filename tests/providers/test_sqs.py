@@ -432,6 +432,85 @@ async def test_pending_deletes_are_flushed_before_the_group_is_polled_again(
     assert await depth(provider, queue) == 0
 
 
+async def test_a_poll_waits_for_deletes_in_flight_so_one_receive_gets_every_group(
+    provider: SqsProvider, make_queue: MakeQueue
+) -> None:
+    """Ten groups, one message each, come in one receive; the tenth completion sends their
+    DeleteMessageBatch, and while that call is still on its way one receiver polls for its
+    group's next message. SQS withholds a group until its delete lands, so a receive sent then
+    gets none of the ten next messages (moto: not for the whole long poll) and another receive
+    is needed. The poll waits for the delete instead: one receive brings all ten."""
+    queue = await make_queue(visibility=30)
+    groups = [f"g{g}" for g in range(10)]
+    await provider.send(queue, [Message(body=b"first", session_id=g, message_id=f"{g}-0") for g in groups])
+    receivers = [await accept(provider, queue) for _ in groups]
+    assert provider.api_calls["ReceiveMessage"] == 1
+    firsts = [(receiver, (await receiver.receive(1))[0]) for receiver in receivers]
+    await provider.send(queue, [Message(body=b"next", session_id=g, message_id=f"{g}-1") for g in groups])
+
+    client = await provider._get_client()
+    in_flight = trio.Event()
+
+    async def slow_delete(**_: Any) -> None:
+        in_flight.set()
+        await trio.sleep(0.5)  # the delete has left the provider but not reached SQS yet
+
+    client.meta.events.register("before-send.sqs.DeleteMessageBatch", slow_delete)
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def complete_all() -> None:
+                for receiver, message in firsts:
+                    await receiver.complete(message)
+
+            nursery.start_soon(complete_all)
+            await in_flight.wait()
+            started = trio.current_time()
+            got = await receivers[0].receive(1, timeout=3.0)
+            waited = trio.current_time() - started
+    finally:
+        client.meta.events.unregister("before-send.sqs.DeleteMessageBatch", slow_delete)
+    assert [m.message_id for m in got] == [f"{receivers[0].session_id}-1"]
+    assert waited < 1.5, waited  # not a long poll that SQS could not answer
+    for receiver in receivers[1:]:  # the other groups' next messages came in the same receive
+        [message] = await receiver.receive(1, timeout=0)
+        assert message.message_id == f"{receiver.session_id}-1"
+    assert provider.api_calls["ReceiveMessage"] == 2
+    assert provider.api_calls["DeleteMessageBatch"] == 1
+
+
+async def test_a_failed_delete_in_flight_does_not_hold_up_the_next_poll(
+    provider: SqsProvider, make_queue: MakeQueue
+) -> None:
+    """The poll's wait for deletes in flight ends when the call fails too (the deletes go back to
+    the queue and leave with the poll's own flush next time)."""
+    queue = await make_queue(visibility=30)
+    await provider.send(queue, group_messages("f", 10))
+    receiver = await accept(provider, queue)
+    got = await receive_all(receiver, 10)
+    client = await provider._get_client()
+
+    async def broken_delete(**_: Any) -> None:
+        await trio.sleep(0.2)
+        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+
+    client.meta.events.register("before-send.sqs.DeleteMessageBatch", broken_delete)
+    try:
+        for message in got:
+            await receiver.complete(message)  # the tenth one's flush fails: logged, kept queued
+    finally:
+        client.meta.events.unregister("before-send.sqs.DeleteMessageBatch", broken_delete)
+    state = provider._states[queue]
+    assert (state.deleting, len(state.deletes)) == (0, 10)
+    await provider.send(queue, [Message(body=b"more", session_id="f", message_id="f-10")])
+    with trio.fail_after(5):
+        [more] = await receive_all(receiver, 1)
+    assert more.message_id == "f-10"
+    await receiver.complete(more)
+    await receiver.aclose()
+    assert await depth(provider, queue) == 0
+
+
 # --------------------------------------------------------------------------------------------
 # dead letters
 

@@ -142,6 +142,9 @@ class _QueueState:
     receivers: dict[str, SqsSessionReceiver] = field(default_factory=dict)
     deletes: list[_Record] = field(default_factory=list)
     settled: trio.Event = field(default_factory=trio.Event)
+    # DeleteMessageBatch calls in flight on this queue, and an event set when none are left.
+    deleting: int = 0
+    deletes_landed: trio.Event = field(default_factory=trio.Event)
 
 
 #: How long before a receive's response arrives SQS may have picked its messages (and
@@ -709,6 +712,7 @@ class SqsProvider(Provider):
                 log.warning(
                     "deleting completed messages of %s failed before a receive: %s", state.meta.name, exc
                 )
+            await self._await_deletes(state)
             vt = self._lock_seconds(state.meta)
             if state.attempt_id is None or trio.current_time() - state.attempt_started > vt / 2:
                 # A retried attempt returns the original messages with their original
@@ -770,6 +774,17 @@ class SqsProvider(Provider):
             while unsettled():
                 state.settled = trio.Event()
                 await state.settled.wait()
+
+    async def _await_deletes(self, state: _QueueState) -> None:
+        """Wait for the DeleteMessageBatch calls other tasks have in flight on this queue.
+
+        SQS withholds a group while any of its messages is in flight, so a receive that
+        reaches SQS before those deletes returns without their groups: an empty or partial
+        batch, and one more receive to fetch them (moto even withholds them for the whole long
+        poll). The wait is one API call at most, bounded by the client's timeouts; cancellable.
+        """
+        while state.deleting:
+            await state.deletes_landed.wait()
 
     async def _poll_wait(self, state: _QueueState, remaining: float) -> int:
         """The long-poll wait (whole seconds) for the next receive. With unclaimed sessions
@@ -910,6 +925,7 @@ class SqsProvider(Provider):
                     late,
                     state.meta.name,
                 )
+            state.deleting += 1
             try:
                 response = await self._call(
                     "delete_message_batch", state.meta.name, QueueUrl=state.meta.url, Entries=entries
@@ -917,6 +933,12 @@ class SqsProvider(Provider):
             except BaseException:
                 state.deletes[0:0] = batch
                 raise
+            finally:
+                state.deleting -= 1
+                if not state.deleting:
+                    # A fresh event for the next wait; whoever waits on this one wakes now.
+                    landed, state.deletes_landed = state.deletes_landed, trio.Event()
+                    landed.set()
             for entry in response.get("Failed") or []:
                 record = batch[int(entry["Id"])]
                 self.delete_failures += 1
