@@ -118,6 +118,36 @@ class MessageContext:
         self._dead_letter = dead_letter
         self._renew_lock = renew_lock
 
+    @classmethod
+    def _fast(
+        cls,
+        message_id: str,
+        session_id: str | None,
+        correlation_id: str | None,
+        delivery_count: int,
+        enqueued_at: datetime | None,
+        properties: Mapping[str, str],
+        content_type: str | None,
+        attempt: int,
+        dead_letter: Callable[[str, str | None], Awaitable[None]],
+        renew_lock: Callable[[], Awaitable[None]],
+    ) -> MessageContext:
+        """The same as the constructor, for the runtime's per-message path (a keyword call with
+        ten arguments cost three times as much as these stores)."""
+        context = object.__new__(cls)
+        context.message_id = message_id
+        context.session_id = session_id
+        context.correlation_id = correlation_id
+        context.delivery_count = delivery_count
+        context.enqueued_at = enqueued_at
+        context.properties = dict(properties)
+        context.content_type = content_type
+        context.attempt = attempt
+        context.settled = False
+        context._dead_letter = dead_letter
+        context._renew_lock = renew_lock
+        return context
+
     async def dead_letter(self, reason: str, description: str | None = None) -> None:
         """Dead-letter this message now. ``handle()`` may return afterwards; the runtime will
         not complete or retry it. Calling it twice is an error."""

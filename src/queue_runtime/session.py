@@ -26,6 +26,7 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
@@ -37,7 +38,7 @@ from .errors import InvalidReceipt, MessageLockLost, QueueError, SessionLockLost
 from .message import ReceivedMessage
 from .providers.base import Receiver
 from .retry import Backoff, CircuitBreaker, call_with_retry
-from .telemetry import Telemetry
+from .telemetry import Telemetry, tracing_enabled
 
 if TYPE_CHECKING:
     from .supervisor import Counters
@@ -271,6 +272,8 @@ class Session:
         # receive and per handle() (those were a quarter of the CPU per message); `_phase`
         # says what it is doing and `_current` which message it is on.
         self._loop_scope: trio.CancelScope | None = None
+        self._waiting: _Phase | None = None  # reusable markers, made with the loop's scope
+        self._working: _Phase | None = None
         self._phase = _BUSY
         self._current: ReceivedMessage | None = None
         self._tracked: tuple[int, float | None] | None = None
@@ -415,10 +418,12 @@ class Session:
             return await self._ordered_steps(actor)
         with trio.CancelScope() as scope:
             self._loop_scope = scope
+            self._waiting = _Phase(self, _WAITING)
+            self._working = _Phase(self, _WORKING)
             try:
                 return await self._ordered_steps(actor)
             finally:
-                self._loop_scope = None
+                self._loop_scope = self._waiting = self._working = None
                 self._phase = _BUSY
         # Reached only when stop() cancelled the scope: a wait or a handle() was interrupted.
         message, self._current = self._current, None
@@ -512,7 +517,8 @@ class Session:
         rt = self.runtime
         backoff: Backoff | None = None  # built on the first error only (receive is hot)
         while True:
-            timeout = idle_deadline - rt.now()
+            started = rt.now()
+            timeout = idle_deadline - started
             if timeout <= 0 and idle_deadline != math.inf:
                 return []
             timeout = min(timeout, rt.config.receive_timeout) if timeout > 0 else rt.config.receive_timeout
@@ -520,7 +526,6 @@ class Session:
             if scope is None:
                 return None
             with scope:
-                started = rt.now()
                 try:
                     received = await self.receiver.receive(max_messages, timeout)
                 except _LOCK_ERRORS as error:
@@ -534,7 +539,8 @@ class Session:
                     await trio.sleep(backoff.next_delay())
                     continue
                 finally:
-                    self._end_wait(scope)
+                    if scope is not self._waiting:
+                        self._end_wait(scope)
             if scope.cancelled_caught:
                 return None
             if received:
@@ -556,10 +562,10 @@ class Session:
 
     def _wait_scope(self) -> trio.CancelScope | _Phase | None:
         """Where a wait runs; None when a stop request already came (do not wait)."""
-        if self._loop_scope is not None:
+        if self._waiting is not None:
             if self.runtime.stopping:
                 return None
-            return _Phase(self, _WAITING)
+            return self._waiting
         scope = trio.CancelScope()
         self._wait_scopes.add(scope)
         if self.runtime.stopping:
@@ -597,17 +603,17 @@ class Session:
                 return True
             attempt = 1
             while True:
-                context = MessageContext(
-                    message_id=inner.message_id,
-                    session_id=inner.session_id,
-                    correlation_id=inner.correlation_id,
-                    delivery_count=message.delivery_count,
-                    enqueued_at=message.enqueued_at,
-                    properties=inner.properties,
-                    content_type=inner.content_type,
-                    attempt=attempt,
-                    dead_letter=_bind_dead_letter(self, message),
-                    renew_lock=self._renew_now,
+                context = MessageContext._fast(
+                    inner.message_id,
+                    inner.session_id,
+                    inner.correlation_id,
+                    message.delivery_count,
+                    message.enqueued_at,
+                    inner.properties,
+                    inner.content_type,
+                    attempt,
+                    _bind_dead_letter(self, message),
+                    self._renew_now,
                 )
                 now = rt.now()
                 self.busy_since = now
@@ -615,8 +621,8 @@ class Session:
                     lock.busy_since = now
                 failure: Exception | None = None
                 work: trio.CancelScope | _Phase
-                if self._loop_scope is not None:
-                    work = _Phase(self, _WORKING)  # the loop's scope stands in (see stop())
+                if self._working is not None:
+                    work = self._working  # the loop's scope stands in (see stop())
                 else:
                     work = trio.CancelScope(deadline=rt.grace_deadline)
                     self._work_scopes.add(work)
@@ -624,8 +630,16 @@ class Session:
                         lock.scope = work
                 with work:
                     try:
-                        with telemetry.process_span(message, attempt):
-                            await actor.handle(body, context)
+                        if tracing_enabled():
+                            with telemetry.process_span(message, attempt):
+                                await actor.handle(body, context)
+                        else:
+                            # The same duration metric without a span's context manager.
+                            started = perf_counter()
+                            try:
+                                await actor.handle(body, context)
+                            finally:
+                                telemetry.handled(perf_counter() - started)
                     except DeadLetter as dead:
                         if not context.settled:
                             await self._dead_letter(message, dead.reason, dead.description)
@@ -708,12 +722,20 @@ class Session:
 
     # -- settlement --------------------------------------------------------------------------
     async def _settle(
-        self, operation: str, call: Callable[[], Awaitable[None]], message: ReceivedMessage
+        self,
+        operation: str,
+        call: Callable[[], Awaitable[None]],
+        message: ReceivedMessage,
+        first_error: QueueError | None = None,
     ) -> None:
+        """Settle with retries and error mapping; ``first_error`` is what a first call made
+        outside (see `_complete`) raised, so that call is not repeated."""
         deadline = self.receiver.locked_until or message.locked_until
         try:
             with self.runtime.telemetry.settle_span(operation, message):
                 try:
+                    if first_error is not None:
+                        raise first_error
                     await call()  # the first call direct: no retry machinery unless needed
                 except QueueError as error:
                     if not error.transient:
@@ -731,7 +753,16 @@ class Session:
     async def _complete(self, message: ReceivedMessage) -> None:
         rt = self.runtime
         started = rt.now()
-        await self._settle("complete", lambda: self.receiver.complete(message), message)
+        receiver = self.receiver
+        if tracing_enabled():
+            await self._settle("complete", lambda: receiver.complete(message), message)
+        else:
+            # Once per message: without a span to open, call the broker directly and enter the
+            # retry and error mapping only when it fails.
+            try:
+                await receiver.complete(message)
+            except QueueError as error:
+                await self._settle("complete", lambda: receiver.complete(message), message, error)
         rt.counters.completed += 1
         rt.telemetry.message_completed(message, seconds=rt.now() - started)
 

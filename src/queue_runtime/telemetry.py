@@ -644,6 +644,11 @@ class Telemetry:
             return timer
         return self._timed_span(timer, message, attempt)
 
+    def handled(self, seconds: float) -> None:
+        """Record one ``handle()`` call's duration (what `process_span` records, for callers
+        that time the call themselves when tracing is off)."""
+        self._metrics.process_duration.record(seconds, self._attrs)
+
     @contextlib.contextmanager
     def _timed_span(self, timer: _Timer, message: ReceivedMessage, attempt: int) -> Iterator[None]:
         with timer, self._span(f"process {self.queue}", SpanKind.CONSUMER, "process", "process", message,

@@ -43,7 +43,6 @@ Not thread-safe: use one provider from one trio run (every call runs on the trio
 
 from __future__ import annotations
 
-import copy
 import heapq
 import itertools
 import math
@@ -64,7 +63,7 @@ from ..errors import (
     SessionLockLost,
     ValidationError,
 )
-from ..message import Message, ReceivedMessage
+from ..message import Message, ReceivedMessage, message_size, validate_session_id
 from .base import Capabilities, Provider, QueueInfo, QueueStats, Receiver
 
 __all__ = ["FAULT_OPERATIONS", "InMemoryProvider"]
@@ -85,7 +84,7 @@ _State = Literal["scheduled", "pending", "delayed", "locked", "gone"]
 
 def _copy(message: Message) -> Message:
     """A copy with its own properties dict (a shallow copy skips re-validation: it is fast)."""
-    duplicate = copy.copy(message)
+    duplicate = message.__copy__()
     duplicate.properties = dict(message.properties)
     return duplicate
 
@@ -375,6 +374,7 @@ class InMemoryProvider(Provider):
         self._alarm = _Alarm()
         self._wall_epoch: datetime | None = None
         self._trio_epoch = 0.0
+        self._wall_memo: tuple[float, datetime] = (math.nan, datetime.min)
         try:
             self._capture_epoch()
         except RuntimeError:
@@ -385,6 +385,7 @@ class InMemoryProvider(Provider):
         now = trio.current_time()
         self._wall_epoch = datetime.now(UTC)
         self._trio_epoch = now
+        self._wall_memo = (math.nan, datetime.min)
 
     def _now(self) -> float:
         if self._wall_epoch is None:
@@ -396,8 +397,13 @@ class InMemoryProvider(Provider):
         return self._trio_epoch + (when - self._wall_epoch).total_seconds()
 
     def _to_wall(self, at: float) -> datetime:
+        # Messages sent in one call share their enqueue time: convert it once.
+        if at == self._wall_memo[0]:
+            return self._wall_memo[1]
         assert self._wall_epoch is not None
-        return self._wall_epoch + timedelta(seconds=at - self._trio_epoch)
+        wall = self._wall_epoch + timedelta(seconds=at - self._trio_epoch)
+        self._wall_memo = (at, wall)
+        return wall
 
     # -- administration --------------------------------------------------------------------
     def create_queue(
@@ -542,14 +548,16 @@ class InMemoryProvider(Provider):
             heapq.heappop(timers)
         return timers[0][0] if timers else math.inf
 
-    def _advance(self, queue: _Queue) -> None:
+    def _advance(self, queue: _Queue, now: float | None = None) -> None:
         """Apply every timed event that is due: activations, visibility, expiries.
 
         A dead-letter queue first advances its parent, whose expiries may move messages in.
+        ``now`` saves a clock read when the caller has just made one.
         """
         if queue.parent is not None:
             self._advance(queue.parent)
-        now = self._now()
+        if now is None:
+            now = self._now()
         timers = queue.timers
         while timers and timers[0][0] <= now:
             _when, _, kind, payload = heapq.heappop(timers)
@@ -755,8 +763,10 @@ class InMemoryProvider(Provider):
 
     def _received(self, rec: _Rec, *, receipt: str) -> ReceivedMessage:
         # Hand out a copy so a consumer mutating properties cannot change the stored message.
+        message = rec.message.__copy__()
+        message.properties = dict(message.properties)
         return ReceivedMessage(
-            message=_copy(rec.message),
+            message=message,
             receipt=receipt,
             delivery_count=rec.delivery_count,
             enqueued_at=self._to_wall(rec.enqueued_at),
@@ -796,7 +806,7 @@ class InMemoryProvider(Provider):
         for message in messages:
             if not isinstance(message, Message):
                 raise ValidationError(f"expected a Message, got {type(message).__name__}")
-            size = self.message_size(message)
+            size = message_size(message)
             if size > caps.max_message_size:
                 raise MessageTooLarge(size, caps.max_message_size)
             total += size
@@ -806,7 +816,7 @@ class InMemoryProvider(Provider):
                         f"queue {queue!r} requires sessions: message {message.message_id!r} has no session id"
                     )
             else:
-                self.validate_session_id(message.session_id)
+                validate_session_id(message.session_id)  # the rules `Message` checked: changed since?
         if total > caps.max_batch_bytes:
             raise MessageTooLarge(total, caps.max_batch_bytes, what="batch")
         now = self._now()
@@ -956,11 +966,13 @@ class _SessionReceiver(Receiver):
     def locked_until(self) -> float | None:
         return self._session.lock_until
 
-    def _check(self) -> _Session:
+    def _check(self, now: float | None = None) -> _Session:
         """Apply due events, then raise `SessionLockLost` unless this receiver holds the lock."""
         if self._closed:
             raise SessionLockLost(f"session {self.session_id!r}: the receiver was closed")
-        self._provider._advance(self._queue)
+        timers = self._queue.timers
+        if timers and (now is None or timers[0][0] <= now):
+            self._provider._advance(self._queue, now)
         session = self._session
         if self._lost or session.holder is not self:
             raise SessionLockLost(
@@ -986,23 +998,35 @@ class _SessionReceiver(Receiver):
         await provider._enter_nowait("receive")
         if max_messages < 1:
             raise ValidationError(f"max_messages must be >= 1, got {max_messages!r}")
-        deadline = provider._now() + max(timeout, 0.0)
+        now = provider._now()
+        deadline = now + max(timeout, 0.0)
         waited = False
+        queue = self._queue
         while True:
-            session = self._check()
-            now = provider._now()
+            session = self._check(now)
             out: list[ReceivedMessage] = []
+            pending = session.pending
             while len(out) < max_messages:
-                head = provider._head(session)
-                if head is None or head.visible_at > now:
+                while pending and pending[0][1].state != "pending":
+                    heapq.heappop(pending)  # `_head`, inlined
+                if not pending:
                     break
-                heapq.heappop(session.pending)
+                head = pending[0][1]
+                if head.visible_at > now:
+                    break
+                heapq.heappop(pending)
                 if head.expires_at is not None and head.expires_at <= now:
                     provider._expire(self._queue, head)
                     continue
-                token = provider._new_token()
+                # `_deliver`, inlined: this loop runs once per message.
+                token = f"lock-{next(provider._tokens)}"
                 session.in_flight[token] = head
-                out.append(provider._deliver(self._queue, head, now, session.lock_until, token))
+                head.state = "locked"
+                head.delivery_count += 1
+                head.lock_token = token
+                head.locked_until = session.lock_until
+                queue.n_locked += 1
+                out.append(provider._received(head, receipt=token))
             if out or now >= deadline:
                 if not waited:
                     # Shielded: what was taken above is returned even if cancelled meanwhile.
@@ -1010,13 +1034,25 @@ class _SessionReceiver(Receiver):
                 return out
             await session.waiters.wait(min(deadline, provider._next_event(self._queue)), provider._alarm)
             waited = True
+            now = provider._now()
 
     async def complete(self, message: ReceivedMessage) -> None:
-        await self._provider._enter_nowait("complete")
-        session = self._check()
-        rec = self._in_flight(session, message)
-        self._provider._remove(self._queue, rec)
-        self._provider._session_changed(self._queue, session, self._provider._now())
+        provider = self._provider
+        await provider._enter_nowait("complete")
+        now = provider._now()
+        session = self._check(now)
+        # `_in_flight` and `_remove`, inlined: this runs once per message.
+        rec = session.in_flight.pop(message.receipt, None) if message.receipt else None
+        if rec is None:
+            self._in_flight(session, message)  # raises InvalidReceipt
+            return
+        queue = self._queue
+        rec.lock_token = None
+        rec.locked_until = None
+        rec.state = "gone"
+        queue.n_locked -= 1
+        queue.live.pop(rec.seq, None)
+        provider._session_changed(queue, session, now)
 
     async def abandon(self, message: ReceivedMessage, *, delay: float | None = None) -> None:
         """Hand the message back; it is this session's next message again (after ``delay``)."""
