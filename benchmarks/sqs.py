@@ -15,8 +15,18 @@ FIFO receive costs about 1 ms per queued message, so a deep queue would measure 
 
 Figures: msgs/s (moto-bound; see the notes), client CPU per message (``time.thread_time()`` of
 the consumer's trio thread: the producer thread and moto's process are excluded), and SQS API
-calls per message (the provider's own counter; an aiobotocore ``before-call`` hook for the
-hand-written loop), start-up and shutdown included for both.
+calls per message. Both sides are measured the same way:
+
+* calls are counted by an aiobotocore ``before-call`` hook on the consumer's own client (the
+  provider's ``api_calls`` is one; the hand-written loop registers the same), so a call counts
+  when it is sent, answered or not (a receive cancelled at shutdown counts);
+* steady state is the window between the handler's 10% mark and its last message, both read
+  inside the handler: start-up (client creation; the runtime's GetQueueUrl and
+  GetQueueAttributes) falls before it and the last batch's delete after it, on both sides;
+* the whole-run figures run from before the client is made to after the last delete (the
+  runtime's ``aclose`` flush; the loop's last DeleteMessageBatch). The harness hands the loop
+  the queue URL, while the runtime resolves the name and reads the queue's attributes: those
+  2 calls per try show in the whole-run figures only.
 """
 
 from __future__ import annotations

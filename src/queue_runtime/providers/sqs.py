@@ -30,7 +30,9 @@ Completion
     ``complete`` checks the local deadline, then queues the delete. Pending deletes (all the
     receivers of a queue) are sent in ``DeleteMessageBatch`` calls of up to 10: when 10 are
     pending, when one of them nears its deadline, before any poll of that queue, on
-    ``renew_lock``, on a receiver's ``aclose`` and on the provider's ``aclose``. A crash between
+    ``renew_lock``, on a receiver's ``aclose`` and on the provider's ``aclose``. A poll also waits
+    for the delete calls other tasks have in flight on its queue (SQS withholds their groups
+    until the deletes land, so a receive sent earlier is wasted). A crash between
     ``complete`` and the flush redelivers those messages (at-least-once; order still holds,
     since the later messages of the group were not deleted either).
 
