@@ -47,7 +47,7 @@ import heapq
 import itertools
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
 
@@ -82,9 +82,14 @@ FAULT_OPERATIONS: Final = (
 _State = Literal["scheduled", "pending", "delayed", "locked", "gone"]
 
 
+# msgspec's own shallow copy (its type stubs do not declare it): no re-validation, and no
+# dispatch through the copy module.
+_shallow_copy: Callable[[Message], Message] = Message.__copy__  # type: ignore[attr-defined]
+
+
 def _copy(message: Message) -> Message:
     """A copy with its own properties dict (a shallow copy skips re-validation: it is fast)."""
-    duplicate = message.__copy__()
+    duplicate = _shallow_copy(message)
     duplicate.properties = dict(message.properties)
     return duplicate
 
@@ -763,7 +768,7 @@ class InMemoryProvider(Provider):
 
     def _received(self, rec: _Rec, *, receipt: str) -> ReceivedMessage:
         # Hand out a copy so a consumer mutating properties cannot change the stored message.
-        message = rec.message.__copy__()
+        message = _shallow_copy(rec.message)
         message.properties = dict(message.properties)
         return ReceivedMessage(
             message=message,
