@@ -664,3 +664,24 @@ async def test_alarm_stays_bounded_when_waits_end_early(autojump_clock: Any) -> 
             largest = max(largest, len(alarm._heap))
     assert alarm.live == 0
     assert largest <= 2 * 1 + 65
+
+
+def test_alarm_restarts_in_a_later_run() -> None:
+    """The alarm task ends with its run; a provider used again in a new run (tests do this)
+    still wakes timed waits there."""
+    provider = InMemoryProvider()
+
+    async def empty_receive_times_out() -> float:
+        await provider.send("q", [msg("s", 1)])
+        receiver = await accept(provider)
+        [m] = await receiver.receive(1)
+        await receiver.complete(m)
+        started = trio.current_time()
+        with trio.fail_after(60):  # without an alarm the wait would never end
+            assert await receiver.receive(1, timeout=5) == []
+        await receiver.aclose()
+        return trio.current_time() - started
+
+    for _ in range(2):
+        waited = trio.run(empty_receive_times_out, clock=trio.testing.MockClock(autojump_threshold=0))
+        assert waited == pytest.approx(5)

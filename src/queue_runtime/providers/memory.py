@@ -169,7 +169,7 @@ class _Alarm:
     `InMemoryProvider.aclose`, and never raises.
     """
 
-    __slots__ = ("_count", "_heap", "_scope", "_sleep", "_token", "live")
+    __slots__ = ("_count", "_heap", "_running", "_scope", "_sleep", "live")
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, _Wait]] = []
@@ -177,7 +177,7 @@ class _Alarm:
         self.live = 0  # parked waits in the heap
         self._scope: trio.CancelScope | None = None  # the task's own: cancelled by close()
         self._sleep: trio.CancelScope | None = None  # its current sleep, until the earliest deadline
-        self._token: trio.lowlevel.TrioToken | None = None
+        self._running = False  # whether the task runs (it ends with its run: see `_run`)
 
     def add(self, wait: _Wait) -> None:
         wait.alarm = self
@@ -187,10 +187,9 @@ class _Alarm:
             heap[:] = [entry for entry in heap if entry[2].parked]
             heapq.heapify(heap)
         heapq.heappush(heap, (wait.until, next(self._count), wait))
-        token = trio.lowlevel.current_trio_token()
-        if token is not self._token:
-            # First timed wait of this run: an earlier run's alarm task ended with that run.
-            self._token = token
+        if not self._running:
+            # The first timed wait (of this run: an earlier run's alarm task ended with it).
+            self._running = True
             self._scope = trio.CancelScope()
             self._sleep = None
             trio.lowlevel.spawn_system_task(self._run, self._scope, name="queue_runtime.memory.alarm")
@@ -202,6 +201,14 @@ class _Alarm:
             self._scope.cancel()
 
     async def _run(self, scope: trio.CancelScope) -> None:
+        try:
+            await self._loop(scope)
+        finally:
+            # Cancelled by close(), or by trio when the run ends: the next run starts its own.
+            self._running = False
+            self._sleep = None
+
+    async def _loop(self, scope: trio.CancelScope) -> None:
         heap = self._heap
         with scope:
             while True:
@@ -509,7 +516,8 @@ class InMemoryProvider(Provider):
         consumer's ``receive`` yields anyway (as ``trio.MemoryReceiveChannel.receive`` does).
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        self._admit(operation)
+        if self._closed or self._faults:
+            self._admit(operation)
 
     def _admit(self, operation: str) -> None:
         if self._closed:
