@@ -169,7 +169,7 @@ class _Alarm:
     `InMemoryProvider.aclose`, and never raises.
     """
 
-    __slots__ = ("_count", "_heap", "_running", "_scope", "_sleep", "live")
+    __slots__ = ("_closed", "_count", "_heap", "_on_end", "_running", "_scope", "_sleep", "live")
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, _Wait]] = []
@@ -178,6 +178,26 @@ class _Alarm:
         self._scope: trio.CancelScope | None = None  # the task's own: cancelled by close()
         self._sleep: trio.CancelScope | None = None  # its current sleep, until the earliest deadline
         self._running = False  # whether the task runs (it ends with its run: see `_run`)
+        self._closed = False
+        self._on_end: Callable[[], None] | None = None
+
+    def start(self, on_end: Callable[[], None] | None = None) -> bool:
+        """Start the task in the current run unless it runs; ``on_end`` is called when it ends.
+        False when it cannot run (closed, or the run is shutting down)."""
+        if self._running:
+            return True
+        if self._closed:
+            return False
+        scope = trio.CancelScope()
+        try:
+            trio.lowlevel.spawn_system_task(self._run, scope, name="queue_runtime.memory.alarm")
+        except RuntimeError:
+            return False
+        self._running = True
+        self._scope = scope
+        self._sleep = None
+        self._on_end = on_end
+        return True
 
     def add(self, wait: _Wait) -> None:
         wait.alarm = self
@@ -188,15 +208,12 @@ class _Alarm:
             heapq.heapify(heap)
         heapq.heappush(heap, (wait.until, next(self._count), wait))
         if not self._running:
-            # The first timed wait (of this run: an earlier run's alarm task ended with it).
-            self._running = True
-            self._scope = trio.CancelScope()
-            self._sleep = None
-            trio.lowlevel.spawn_system_task(self._run, self._scope, name="queue_runtime.memory.alarm")
+            self.start()  # normally started by the provider's first clock read in this run
         elif self._sleep is not None and wait.until < self._sleep.deadline:
             self._sleep.deadline = wait.until
 
     def close(self) -> None:
+        self._closed = True
         if self._scope is not None:
             self._scope.cancel()
 
@@ -207,6 +224,8 @@ class _Alarm:
             # Cancelled by close(), or by trio when the run ends: the next run starts its own.
             self._running = False
             self._sleep = None
+            if self._on_end is not None:
+                self._on_end()
 
     async def _loop(self, scope: trio.CancelScope) -> None:
         heap = self._heap
@@ -384,6 +403,8 @@ class InMemoryProvider(Provider):
         self._tiebreak = itertools.count()
         self._closed = False
         self._alarm = _Alarm()
+        #: The current run's clock, bound at the first read in each run (see `_first_now`).
+        self._now: Callable[[], float] = self._first_now
         self._wall_epoch: datetime | None = None
         self._trio_epoch = 0.0
         self._wall_memo: tuple[float, datetime] = (math.nan, datetime.min)
@@ -399,10 +420,20 @@ class InMemoryProvider(Provider):
         self._trio_epoch = now
         self._wall_memo = (math.nan, datetime.min)
 
-    def _now(self) -> float:
+    def _first_now(self) -> float:
+        """The first clock read of a run: capture the wall-clock epoch if not yet done, start
+        this run's alarm, and from then on read the run's clock directly (``_now`` is bound to
+        it: one call instead of ``trio.current_time()``'s chain of four, several times per
+        message) until the alarm task ends with the run and unbinds it."""
         if self._wall_epoch is None:
             self._capture_epoch()
-        return trio.current_time()
+        clock = trio.lowlevel.current_clock()
+        if self._alarm.start(self._unbind_clock):
+            self._now = clock.current_time
+        return clock.current_time()
+
+    def _unbind_clock(self) -> None:
+        self._now = self._first_now
 
     def _to_trio(self, when: datetime) -> float:
         assert self._wall_epoch is not None
@@ -1065,7 +1096,9 @@ class _SessionReceiver(Receiver):
         rec.state = "gone"
         queue.n_locked -= 1
         queue.live.pop(rec.seq, None)
-        provider._session_changed(queue, session, now)
+        # No `_session_changed`: the session stays held by this receiver, and removing a
+        # message in flight makes nothing deliverable that was not already (a waiting
+        # receive was woken when its message arrived).
 
     async def abandon(self, message: ReceivedMessage, *, delay: float | None = None) -> None:
         """Hand the message back; it is this session's next message again (after ``delay``)."""
