@@ -859,7 +859,7 @@ class InMemoryProvider(Provider):
                     raise ValidationError(
                         f"queue {queue!r} requires sessions: message {message.message_id!r} has no session id"
                     )
-            else:
+            elif message.session_id not in q.sessions:  # a known session's id was checked already
                 validate_session_id(message.session_id)  # the rules `Message` checked: changed since?
         if total > caps.max_batch_bytes:
             raise MessageTooLarge(total, caps.max_batch_bytes, what="batch")
