@@ -169,7 +169,7 @@ class _Alarm:
     `InMemoryProvider.aclose`, and never raises.
     """
 
-    __slots__ = ("_closed", "_count", "_heap", "_on_end", "_running", "_scope", "_sleep", "live")
+    __slots__ = ("_closed", "_count", "_heap", "_on_end", "_running", "_scope", "_sleep", "_wake_at", "live")
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, _Wait]] = []
@@ -178,6 +178,7 @@ class _Alarm:
         self._scope: trio.CancelScope | None = None  # the task's own: cancelled by close()
         self._sleep: trio.CancelScope | None = None  # its current sleep, until the earliest deadline
         self._running = False  # whether the task runs (it ends with its run: see `_run`)
+        self._wake_at = math.inf  # its sleep's deadline (read per wait: a plain attribute)
         self._closed = False
         self._on_end: Callable[[], None] | None = None
 
@@ -209,8 +210,8 @@ class _Alarm:
         heapq.heappush(heap, (wait.until, next(self._count), wait))
         if not self._running:
             self.start()  # normally started by the provider's first clock read in this run
-        elif self._sleep is not None and wait.until < self._sleep.deadline:
-            self._sleep.deadline = wait.until
+        elif wait.until < self._wake_at and self._sleep is not None:
+            self._sleep.deadline = self._wake_at = wait.until
 
     def close(self) -> None:
         self._closed = True
@@ -224,6 +225,7 @@ class _Alarm:
             # Cancelled by close(), or by trio when the run ends: the next run starts its own.
             self._running = False
             self._sleep = None
+            self._wake_at = math.inf
             if self._on_end is not None:
                 self._on_end()
 
@@ -237,7 +239,8 @@ class _Alarm:
                     if wait.parked:
                         wait.owner.discard(wait)
                         wait.wake()
-                with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as sleep:
+                self._wake_at = heap[0][0] if heap else math.inf
+                with trio.CancelScope(deadline=self._wake_at) as sleep:
                     self._sleep = sleep
                     await trio.sleep_forever()
 
