@@ -1042,7 +1042,9 @@ class _SessionReceiver(Receiver):
         provider = self._provider
         # One trip through the scheduler per call, as trio's channels make: either the wait
         # for a message, or a shielded checkpoint before returning without having waited.
-        await provider._enter_nowait("receive")
+        await trio.lowlevel.checkpoint_if_cancelled()  # `_enter_nowait`, inlined (per message)
+        if provider._closed or provider._faults:
+            provider._admit("receive")
         if max_messages < 1:
             raise ValidationError(f"max_messages must be >= 1, got {max_messages!r}")
         now = provider._now()
@@ -1085,7 +1087,9 @@ class _SessionReceiver(Receiver):
 
     async def complete(self, message: ReceivedMessage) -> None:
         provider = self._provider
-        await provider._enter_nowait("complete")
+        await trio.lowlevel.checkpoint_if_cancelled()  # `_enter_nowait`, inlined (per message)
+        if provider._closed or provider._faults:
+            provider._admit("complete")
         now = provider._now()
         session = self._check(now)
         # `_in_flight` and `_remove`, inlined: this runs once per message.
