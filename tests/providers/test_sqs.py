@@ -511,6 +511,57 @@ async def test_a_failed_delete_in_flight_does_not_hold_up_the_next_poll(
     assert await depth(provider, queue) == 0
 
 
+async def test_closing_a_receiver_waits_for_its_deletes_another_poll_has_in_flight(
+    provider: SqsProvider, make_queue: MakeQueue
+) -> None:
+    """Another session's poll flushes this receiver's completed messages, and that call is
+    cancelled (a stop) while the receiver closes. The receiver's close must not return while
+    its deletes are in another task's hands: it waits for that call and sends what came back."""
+    queue = await make_queue(visibility=30)
+    await provider.send(queue, [*group_messages("c", 3), *group_messages("o", 1)])
+    closing = await accept(provider, queue)
+    other = await accept(provider, queue)
+    for receiver in (closing, other):
+        for message in await receive_all(receiver, 3 if receiver.session_id == "c" else 1):
+            await receiver.complete(message)  # queued: fewer than 10, nothing sent yet
+    assert provider.api_calls["DeleteMessageBatch"] == 0
+
+    client = await provider._get_client()
+    in_flight = trio.Event()
+
+    async def slow_first_delete(**_: Any) -> None:
+        if not in_flight.is_set():
+            in_flight.set()
+            await trio.sleep(1.0)
+
+    client.meta.events.register("before-send.sqs.DeleteMessageBatch", slow_first_delete)
+    closed = trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            poll = trio.CancelScope()
+
+            async def poll_other() -> None:
+                with poll:
+                    await other.receive(1, timeout=3.0)  # flushes all four deletes first
+
+            async def close() -> None:
+                await closing.aclose()
+                closed.set()
+
+            nursery.start_soon(poll_other)
+            await in_flight.wait()
+            nursery.start_soon(close)
+            await trio.sleep(0.1)
+            poll.cancel()  # the poll's delete call never reaches SQS: its batch goes back
+    finally:
+        client.meta.events.unregister("before-send.sqs.DeleteMessageBatch", slow_first_delete)
+    assert closed.is_set()
+    state = provider._states[queue]
+    assert not any(r.raw["Body"].startswith("c-") for r in state.deletes)
+    assert await depth(provider, queue) == 0  # the close's flush sends the queue's batch: o-0 too
+    await other.aclose()
+
+
 # --------------------------------------------------------------------------------------------
 # dead letters
 

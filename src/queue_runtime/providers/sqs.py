@@ -1075,9 +1075,15 @@ class _ReceiverBase(Receiver):
         self._remember_released([record])
 
     async def _close_held(self, state: _QueueState) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(self._provider._close_timeout):
+        provider = self._provider
+        with trio.CancelScope(shield=True), trio.move_on_after(provider._close_timeout):
             try:
-                await self._provider._flush(state, force=True)
+                await provider._flush(state, force=True)
+                while any(r.state is _State.DELETING for r in self._held.values()):
+                    # Another task's flush took some of ours and is still in flight: if it
+                    # fails or is cancelled they come back to the queue, to be sent here.
+                    await provider._await_deletes(state)
+                    await provider._flush(state, force=True)
             except QueueError as exc:
                 log.warning("deleting completed messages of %s on close failed: %s", self.queue, exc)
             held = [r for r in self._held.values() if r.state in (_State.BUFFERED, _State.OUT)]
