@@ -1051,8 +1051,15 @@ class _SessionReceiver(Receiver):
         deadline = now + max(timeout, 0.0)
         waited = False
         queue = self._queue
+        session = self._session
         while True:
-            session = self._check(now)
+            if (
+                self._closed
+                or self._lost
+                or session.holder is not self
+                or (queue.timers and queue.timers[0][0] <= now)
+            ):
+                session = self._check(now)  # due events to apply, or the lock is gone (raises)
             out: list[ReceivedMessage] = []
             pending = session.pending
             while len(out) < max_messages:
@@ -1081,7 +1088,15 @@ class _SessionReceiver(Receiver):
                     # Shielded: what was taken above is returned even if cancelled meanwhile.
                     await trio.lowlevel.cancel_shielded_checkpoint()
                 return out
-            await session.waiters.wait(min(deadline, provider._next_event(self._queue)), provider._alarm)
+            timers = queue.timers
+            # Wake at the next timed event of the queue too (a lock may expire meanwhile); look
+            # for the next live one only when the earliest entry comes before the deadline.
+            until = (
+                deadline
+                if not timers or timers[0][0] >= deadline
+                else min(deadline, provider._next_event(queue))
+            )
+            await session.waiters.wait(until, provider._alarm)
             waited = True
             now = provider._now()
 
