@@ -562,6 +562,54 @@ async def test_closing_a_receiver_waits_for_its_deletes_another_poll_has_in_flig
     await other.aclose()
 
 
+async def test_renewal_does_not_extend_a_message_whose_delete_is_landing(
+    provider: SqsProvider, make_queue: MakeQueue
+) -> None:
+    """Another session's poll flushed this receiver's completed message; SQS has deleted it but
+    the answer is not back yet when the renewal runs. Renewing that receipt would fail (the
+    message is gone) and read as a lost lock: the renewal waits for the delete call instead."""
+    queue = await make_queue(visibility=30)
+    await provider.send(queue, [*group_messages("r", 2), *group_messages("o", 1)])
+    one, two = await accept(provider, queue), await accept(provider, queue)
+    renewing, other = (one, two) if one.session_id == "r" else (two, one)
+    first, second = await receive_all(renewing, 2)
+    [lone] = await receive_all(other, 1)
+    await renewing.complete(first)  # queued; `second` stays handed out and must be renewed
+
+    client = await provider._get_client()
+    answered = trio.Event()
+    in_flight = trio.Event()
+
+    async def slow_answer(**_: Any) -> None:
+        if not in_flight.is_set():
+            in_flight.set()
+            await trio.sleep(0.5)  # SQS has deleted it; the answer has not reached us
+            answered.set()
+
+    client.meta.events.register("needs-retry.sqs.DeleteMessageBatch", slow_answer)
+    try:
+        async with trio.open_nursery() as nursery:
+            poll = trio.CancelScope()
+
+            async def poll_other() -> None:
+                await other.complete(lone)
+                with poll:
+                    await other.receive(1, timeout=2.0)  # flushes `first` (and `lone`) first
+
+            nursery.start_soon(poll_other)
+            await in_flight.wait()
+            until = await renewing.renew_lock()  # before: SessionLockLost
+            poll.cancel()
+    finally:
+        client.meta.events.unregister("needs-retry.sqs.DeleteMessageBatch", slow_answer)
+    assert answered.is_set()
+    assert until > trio.current_time() + 20
+    await renewing.complete(second)
+    await renewing.aclose()
+    await other.aclose()
+    assert await depth(provider, queue) == 0
+
+
 # --------------------------------------------------------------------------------------------
 # dead letters
 

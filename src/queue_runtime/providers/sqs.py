@@ -23,8 +23,10 @@ The lock
     receive's response time less `RESPONSE_MARGIN`, never before the request), so it is not
     later than SQS's. SQS accepts a delete with a stale receipt without error, so a message
     whose local deadline has passed is a lost lock: it is never completed.
-    ``renew_lock`` extends every message the receiver holds (buffered, handed out, completed
-    but not yet deleted) with ``ChangeMessageVisibilityBatch``, within the 12-hour cap.
+    ``renew_lock`` first sends the pending deletes (and waits for a delete call of its
+    messages another task has in flight), then extends every message the receiver still holds
+    (buffered, handed out, completed but not deleted because a delete call failed) with
+    ``ChangeMessageVisibilityBatch``, within the 12-hour cap.
 
 Completion
     ``complete`` checks the local deadline, then queues the delete. Pending deletes (all the
@@ -1074,16 +1076,21 @@ class _ReceiverBase(Receiver):
         record.state = _State.DONE
         self._remember_released([record])
 
-    async def _close_held(self, state: _QueueState) -> None:
+    async def _settle_deletes(self, state: _QueueState) -> None:
+        """Flush the queue's pending deletes, and return once none of this receiver's completed
+        messages is pending or in another task's delete call (if that call fails or is
+        cancelled they come back to the queue, and are sent here). Raises a failed flush's
+        `QueueError`; each round sends or waits for one call, so it ends."""
         provider = self._provider
-        with trio.CancelScope(shield=True), trio.move_on_after(provider._close_timeout):
+        await provider._flush(state, force=True)
+        while any(r.state is _State.DELETING for r in self._held.values()):
+            await provider._await_deletes(state)
+            await provider._flush(state, force=True)
+
+    async def _close_held(self, state: _QueueState) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(self._provider._close_timeout):
             try:
-                await provider._flush(state, force=True)
-                while any(r.state is _State.DELETING for r in self._held.values()):
-                    # Another task's flush took some of ours and is still in flight: if it
-                    # fails or is cancelled they come back to the queue, to be sent here.
-                    await provider._await_deletes(state)
-                    await provider._flush(state, force=True)
+                await self._settle_deletes(state)
             except QueueError as exc:
                 log.warning("deleting completed messages of %s on close failed: %s", self.queue, exc)
             held = [r for r in self._held.values() if r.state in (_State.BUFFERED, _State.OUT)]
@@ -1229,12 +1236,15 @@ class SqsSessionReceiver(_ReceiverBase):
             raise self._mark_lost() from None
 
     async def renew_lock(self) -> float:
-        """Extend every held message (buffered, handed out, awaiting delete) by the visibility
-        timeout, within SQS's 12-hour cap. Returns the new earliest deadline. Raises
+        """Send the completed messages' deletes (waiting for one another task has in flight),
+        then extend every held message (buffered, handed out, awaiting a retried delete) by the
+        visibility timeout, within SQS's 12-hour cap. Returns the new earliest deadline. Raises
         `SessionLockLost` if any had lapsed or SQS refuses one; transient errors otherwise."""
         self._check_lock()
         try:
-            await self._provider._flush(self._state, force=True)
+            # Not while a delete of ours is landing: renewing a deleted message fails, which
+            # would read as a lost lock.
+            await self._settle_deletes(self._state)
         except QueueError as exc:
             if not exc.transient:
                 raise
