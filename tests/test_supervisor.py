@@ -42,6 +42,9 @@ class Log:
         self.events: list[tuple[Any, ...]] = []
         self.stops: list[tuple[str, str]] = []
         self.actors: dict[str, set[int]] = defaultdict(set)
+        # Every actor instance, kept alive: a collected actor's id() can be reused by the next
+        # one, which would make two actors count as one in `actors`.
+        self.instances: list[object] = []
         self.active_handles: dict[str, int] = defaultdict(int)
         self.max_handles: dict[str, int] = defaultdict(int)
         self.live_actors = 0
@@ -55,6 +58,7 @@ def make_actor(log: Log) -> type[SessionActor[Event]]:
             log.live_actors += 1
             log.max_live_actors = max(log.max_live_actors, log.live_actors)
             log.actors[self.session_id].add(id(self))
+            log.instances.append(self)
 
         async def handle(self, event: Event, ctx: MessageContext) -> None:
             sid = ctx.session_id or ""
