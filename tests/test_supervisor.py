@@ -651,3 +651,35 @@ async def test_stats_snapshot_counts(autojump_clock: Any) -> None:
     assert stats.draining
     assert stats.received == 4
     assert (stats.abandoned, stats.lock_lost) == (0, 0)
+
+
+async def test_a_telemetry_subclass_sees_every_span_call_with_tracing_off(autojump_clock: Any) -> None:
+    """The runtime skips the span helpers per message while tracing is off, but not when a
+    `Telemetry` subclass overrides them: it asked to see every call."""
+    from contextlib import AbstractContextManager, nullcontext
+
+    from queue_runtime.message import ReceivedMessage
+    from queue_runtime.telemetry import Telemetry, tracing_enabled
+
+    assert not tracing_enabled()
+    calls: list[tuple[str, str]] = []
+
+    class Watching(Telemetry):
+        def process_span(self, message: ReceivedMessage, attempt: int) -> AbstractContextManager[None]:
+            calls.append(("process", message.message_id))
+            return super().process_span(message, attempt)
+
+        def settle_span(self, operation: str, message: ReceivedMessage) -> AbstractContextManager[None]:
+            calls.append((operation, message.message_id))
+            return nullcontext()
+
+    log = Log()
+    async with InMemoryProvider() as provider:
+        ids = await send(provider, "a", Event(n=1), Event(n=2), Event(n=3))
+        supervisor = Supervisor(provider, make_actor(log), config(), telemetry=Watching("orders", "memory"))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.serve)
+            await trio.sleep(1)
+            supervisor.stop()
+    assert done_order(log, "a") == [1, 2, 3]
+    assert calls == [(kind, i) for i in ids for kind in ("process", "complete")]

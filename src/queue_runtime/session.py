@@ -205,6 +205,11 @@ class Runtime:
         self.decode = actor_class.__decoder__
         self.config = config
         self.telemetry = telemetry
+        # Per message the span helpers are skipped while tracing is off, unless a subclass
+        # overrides them (it asked to see every call).
+        kind = type(telemetry)
+        self.own_process_span = kind.process_span is not Telemetry.process_span
+        self.own_settle_span = kind.settle_span is not Telemetry.settle_span
         self.counters = counters
         self.renewer = renewer
         self.breaker = breaker
@@ -630,7 +635,7 @@ class Session:
                         lock.scope = work
                 with work:
                     try:
-                        if tracing_enabled():
+                        if rt.own_process_span or tracing_enabled():
                             with telemetry.process_span(message, attempt):
                                 await actor.handle(body, context)
                         else:
@@ -754,7 +759,7 @@ class Session:
         rt = self.runtime
         started = perf_counter()  # a duration only, as `handled()` measures (no trio clock read)
         receiver = self.receiver
-        if tracing_enabled():
+        if rt.own_settle_span or tracing_enabled():
             await self._settle("complete", lambda: receiver.complete(message), message)
         else:
             # Once per message: without a span to open, call the broker directly and enter the
