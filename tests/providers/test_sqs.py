@@ -1012,14 +1012,19 @@ async def test_supervisor_on_sqs_keeps_order_renews_and_dead_letters(
 
 
 async def test_supervisor_deletes_one_receive_batch_across_groups_in_one_call(
-    provider: SqsProvider, make_queue: MakeQueue
+    provider: SqsProvider, make_queue: MakeQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ten groups, one message each, arrive in one receive; the sessions settle them within the
     poll's settle window, so their deletes leave in a single DeleteMessageBatch (as a
     hand-written receive-10 / process / delete-batch loop would), not one call per poll."""
     from queue_runtime.actor import MessageContext, SessionActor
     from queue_runtime.config import SupervisorConfig
+    from queue_runtime.providers import sqs as sqs_module
     from queue_runtime.supervisor import Supervisor
+
+    # What is tested is that a poll waits for the sessions to settle, not how long 20 ms is on
+    # a loaded box. The wait ends as soon as they have settled, so a long window costs nothing.
+    monkeypatch.setattr(sqs_module, "SETTLE_WINDOW", 2.0)
 
     queue = await make_queue(visibility=30)
     handled: list[str] = []
@@ -1045,3 +1050,38 @@ async def test_supervisor_deletes_one_receive_batch_across_groups_in_one_call(
     receives = provider.api_calls["ReceiveMessage"] - receives_before
     # Every delete batch is full: 30 completions, 3 calls (before: about two calls per poll).
     assert provider.api_calls["DeleteMessageBatch"] <= 4, (provider.api_calls, receives)
+
+
+async def test_a_poll_waits_for_groups_no_session_has_claimed_yet(
+    provider: SqsProvider, make_queue: MakeQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Right after a receive most of its groups are not accepted yet. A poll started by the
+    first session to finish must wait for them too (within the settle window), or it sends
+    that session's delete alone and the others' in a second call."""
+    from queue_runtime.providers import sqs as sqs_module
+
+    monkeypatch.setattr(sqs_module, "SETTLE_WINDOW", 5.0)  # ends early once all have settled
+    queue = await make_queue(visibility=30)
+    for round_ in range(2):
+        await provider.send(
+            queue, [Message(body=f"g{g}-{round_}".encode(), session_id=f"g{g}") for g in range(10)]
+        )
+    first = await provider.accept_session(queue, timeout=5)
+    assert first is not None
+    [message] = await first.receive(1, timeout=5)
+    await first.complete(message)
+    deletes_before = provider.api_calls["DeleteMessageBatch"]
+    others = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first.receive, 1, 5.0)  # its buffer is empty: this one polls
+        await trio.sleep(0.1)
+        for _ in range(9):  # the groups of the same receive, claimed while that poll waits
+            receiver = await provider.accept_session(queue, timeout=5)
+            assert receiver is not None
+            [message] = await receiver.receive(1, timeout=5)
+            await receiver.complete(message)
+            others.append(receiver)
+    for receiver in [first, *others]:
+        await receiver.aclose()  # sends any delete still queued
+    # The ten completions of one receive leave in one call (before: the first one alone).
+    assert provider.api_calls["DeleteMessageBatch"] - deletes_before == 1

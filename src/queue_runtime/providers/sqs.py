@@ -763,10 +763,13 @@ class SqsProvider(Provider):
 
     async def _await_settled(self, state: _QueueState) -> None:
         """Wait up to `SETTLE_WINDOW` while messages this queue's sessions received are still
-        unsettled (buffered or being handled; woken at each completion)."""
+        unsettled (buffered or being handled, or in a group no session has claimed yet; woken
+        at each completion)."""
 
         def unsettled() -> bool:
-            return any(
+            # Unclaimed groups count: right after a receive most groups are not accepted yet,
+            # and a poll that ignored them flushed the first completion alone.
+            return bool(state.pending) or any(
                 record.state is _State.OUT or record.state is _State.BUFFERED
                 for receiver in state.receivers.values()
                 for record in receiver._held.values()
