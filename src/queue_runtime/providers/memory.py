@@ -160,10 +160,10 @@ class _Alarm:
     trio's only timer is a cancel scope's deadline, and a cancel scope per wait cost about as
     much as the rest of a receive (measured: a wait inside ``move_on_at`` is ~18 us dearer than
     a plain park). So waits park without one, and this alarm — one trio system task per
-    provider and run, started at the first timed wait — sleeps until the earliest deadline and
-    wakes whoever is due. A wait that ends early leaves a stale entry in the heap; the heap is
-    compacted when stale entries outnumber live ones (amortised O(1) per wait), so it stays
-    bounded by the number of waiting tasks. The task ends with the run or at
+    provider and run, started at the provider's first clock read in the run — sleeps until the
+    earliest deadline and wakes whoever is due. A wait that ends early leaves a stale entry in
+    the heap; the heap is compacted when stale entries outnumber live ones (amortised O(1) per
+    wait), so it stays bounded by the number of waiting tasks. The task ends with the run or at
     `InMemoryProvider.aclose`, and never raises.
     """
 
