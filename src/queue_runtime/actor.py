@@ -106,6 +106,40 @@ class MessageContext:
         dead_letter: Callable[[str, str | None], Awaitable[None]],
         renew_lock: Callable[[], Awaitable[None]],
     ) -> None:
+        self._fill(
+            message_id,
+            session_id,
+            correlation_id,
+            delivery_count,
+            enqueued_at,
+            properties,
+            content_type,
+            attempt,
+            dead_letter,
+            renew_lock,
+        )
+
+    @classmethod
+    def _fast(cls, *fields: Any) -> MessageContext:
+        """The constructor with positional arguments in its order, for the runtime's
+        per-message path (a keyword call with ten arguments cost three times as much)."""
+        context = object.__new__(cls)
+        context._fill(*fields)
+        return context
+
+    def _fill(
+        self,
+        message_id: str,
+        session_id: str | None,
+        correlation_id: str | None,
+        delivery_count: int,
+        enqueued_at: datetime | None,
+        properties: Mapping[str, str],
+        content_type: str | None,
+        attempt: int,
+        dead_letter: Callable[[str, str | None], Awaitable[None]],
+        renew_lock: Callable[[], Awaitable[None]],
+    ) -> None:
         self.message_id = message_id
         self.session_id = session_id
         self.correlation_id = correlation_id
@@ -117,36 +151,6 @@ class MessageContext:
         self.settled = False
         self._dead_letter = dead_letter
         self._renew_lock = renew_lock
-
-    @classmethod
-    def _fast(
-        cls,
-        message_id: str,
-        session_id: str | None,
-        correlation_id: str | None,
-        delivery_count: int,
-        enqueued_at: datetime | None,
-        properties: Mapping[str, str],
-        content_type: str | None,
-        attempt: int,
-        dead_letter: Callable[[str, str | None], Awaitable[None]],
-        renew_lock: Callable[[], Awaitable[None]],
-    ) -> MessageContext:
-        """The same as the constructor, for the runtime's per-message path (a keyword call with
-        ten arguments cost three times as much as these stores)."""
-        context = object.__new__(cls)
-        context.message_id = message_id
-        context.session_id = session_id
-        context.correlation_id = correlation_id
-        context.delivery_count = delivery_count
-        context.enqueued_at = enqueued_at
-        context.properties = dict(properties)
-        context.content_type = content_type
-        context.attempt = attempt
-        context.settled = False
-        context._dead_letter = dead_letter
-        context._renew_lock = renew_lock
-        return context
 
     async def dead_letter(self, reason: str, description: str | None = None) -> None:
         """Dead-letter this message now. ``handle()`` may return afterwards; the runtime will
