@@ -199,7 +199,7 @@ def _notes(data: dict[str, dict[str, Any]]) -> list[str]:
             "  per-message paths inline their helpers and read the clock once per call; metric",
             "  instruments are skipped until a meter provider is set. Counted with cProfile",
             "  (`benchmarks/inmemory.py` `runtime_try(200, 20000)`), the runtime path went from about",
-            "  200 to about 123 Python calls per message; the hand-written one makes about 74.",
+            "  200 to about 125 Python calls per message; the hand-written one makes about 74.",
             "  What is left is the work the runtime exists to do, per message: build a `Message`",
             "  (id, validation); store a copy in the broker; hand out a `ReceivedMessage` with its own",
             "  copy (a consumer must not change what the broker holds), lock it, remove it on",
