@@ -276,7 +276,7 @@ def _notes(data: dict[str, dict[str, Any]]) -> list[str]:
             f" tracing on (always-on): {rel.get('tracing', 0):.2f}x. With an SDK every message records",
             "  several instruments with attribute sets, and with tracing three spans (receive, process,",
             "  complete) plus context propagation; a production deployment would sample traces. With",
-            "  no SDK the runtime now skips the instruments altogether, so \"off\" got faster and the",
+            '  no SDK the runtime now skips the instruments altogether, so "off" got faster and the',
             "  ratios are lower than in the previous round for that reason.",
         ]
     if "scaling" in data:
