@@ -685,3 +685,37 @@ def test_alarm_restarts_in_a_later_run() -> None:
     for _ in range(2):
         waited = trio.run(empty_receive_times_out, clock=trio.testing.MockClock(autojump_threshold=0))
         assert waited == pytest.approx(5)
+
+
+@pytest.mark.parametrize("operation", ["complete", "abandon", "dead_letter"])
+async def test_a_cancelled_settlement_changes_nothing(autojump_clock: Any, operation: str) -> None:
+    """Settlements do not yield to the scheduler, but they are still cancellation points: a
+    call made in a cancelled scope raises Cancelled before anything changes."""
+    provider = InMemoryProvider()
+    await provider.send("q", [msg("s", 1), msg("s", 2)])
+    receiver = await accept(provider)
+    [first] = await receiver.receive(1)
+    settle = {
+        "complete": lambda: receiver.complete(first),
+        "abandon": lambda: receiver.abandon(first),
+        "dead_letter": lambda: receiver.dead_letter(first, "Reason"),
+    }[operation]
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await settle()
+    assert scope.cancelled_caught
+    assert await provider.peek_dead_letters("q") == []
+    await receiver.complete(first)  # still locked by us: the cancelled call did nothing
+    assert bodies(await receiver.receive(1)) == ["2"]
+
+
+async def test_a_cancelled_receive_takes_nothing_even_with_messages_waiting(autojump_clock: Any) -> None:
+    provider = InMemoryProvider()
+    await provider.send("q", [msg("s", 1)])
+    receiver = await accept(provider)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await receiver.receive(1)
+    assert scope.cancelled_caught
+    [message] = await receiver.receive(1)
+    assert bodies([message]) == ["1"] and message.delivery_count == 1
