@@ -509,6 +509,79 @@ async def test_waiting_holder_sees_its_lock_expire(autojump_clock: Any) -> None:
     assert trio.current_time() == pytest.approx(10)
 
 
+async def test_a_waiting_holder_is_handed_new_messages_locked_and_in_order(autojump_clock: Any) -> None:
+    # A send to a session whose holder waits in receive delivers to that receive directly.
+    provider = InMemoryProvider(lock_duration=30)
+    await provider.send("q", [msg("s", 0)])
+    receiver = await accept(provider)
+    [first] = await receiver.receive(1)
+    await receiver.complete(first)
+    got: list[ReceivedMessage] = []
+
+    async def wait_for_two() -> None:
+        got.extend(await receiver.receive(2, timeout=60))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait_for_two)
+        await trio.testing.wait_all_tasks_blocked()
+        await provider.send("q", [msg("s", 1), msg("s", 2), msg("s", 3)])
+    assert bodies(got) == ["1", "2"]
+    assert [m.delivery_count for m in got] == [1, 1]
+    assert all(m.locked_until == receiver.locked_until for m in got)
+    assert internal(provider).n_locked == 2
+    check_invariants(provider)
+    for m in got:
+        await receiver.complete(m)
+    assert bodies(await receiver.receive(5)) == ["3"]
+
+
+async def test_a_hand_over_waits_behind_a_delayed_earlier_message(autojump_clock: Any) -> None:
+    # Order first: a message sent while an earlier one is abandoned with a delay is not handed
+    # to the waiting holder ahead of it.
+    provider = InMemoryProvider()
+    await provider.send("q", [msg("s", 1)])
+    receiver = await accept(provider)
+    [m] = await receiver.receive(1)
+    await receiver.abandon(m, delay=5)
+    got: list[list[str]] = []
+
+    async def receive_twice() -> None:
+        got.append(bodies(await receiver.receive(1, timeout=60)))
+        got.append(bodies(await receiver.receive(1, timeout=60)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(receive_twice)
+        await trio.testing.wait_all_tasks_blocked()
+        await provider.send("q", [msg("s", 2)])
+    assert got == [["1"], ["2"]]
+
+
+async def test_a_hand_over_to_a_holder_that_lost_its_session_raises(autojump_clock: Any) -> None:
+    # Handed a message, then released before it ran: the receive raises as a fresh look would,
+    # and the message goes back (its delivery counted).
+    provider = InMemoryProvider()
+    await provider.send("q", [msg("s", 0)])
+    receiver = await accept(provider)
+    await receiver.complete((await receiver.receive(1))[0])
+    raised: list[BaseException] = []
+
+    async def wait() -> None:
+        try:
+            await receiver.receive(1, timeout=60)
+        except SessionLockLost as error:
+            raised.append(error)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        await trio.testing.wait_all_tasks_blocked()
+        await provider.send("q", [msg("s", 1)])  # handed over to the waiting receive ...
+        await receiver.aclose()  # ... which is released before it runs again
+    assert len(raised) == 1
+    again = await accept(provider)
+    [m] = await again.receive(1)
+    assert (bodies([m]), m.delivery_count) == (["1"], 2)
+
+
 # -- scale and invariants -------------------------------------------------------------------------
 def check_invariants(provider: InMemoryProvider, queue: str = "q") -> None:
     q = internal(provider, queue)

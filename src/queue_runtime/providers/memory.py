@@ -50,6 +50,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
 
+import outcome
 import trio
 
 from ..errors import (
@@ -134,14 +135,19 @@ class _Wait:
     """One parked task: woken by a notification, by its deadline (through the alarm), or
     cancelled."""
 
-    __slots__ = ("alarm", "owner", "parked", "task", "until")
+    __slots__ = ("alarm", "max_messages", "owner", "parked", "receiver", "task", "until")
 
-    def __init__(self, owner: _Waiters, until: float) -> None:
+    def __init__(
+        self, owner: _Waiters, until: float, receiver: _SessionReceiver | None, max_messages: int
+    ) -> None:
         self.owner = owner
         self.until = until
         self.task = trio.lowlevel.current_task()
         self.parked = True
         self.alarm: _Alarm | None = None
+        # A session receive waiting for messages: a sender hands them over directly.
+        self.receiver = receiver
+        self.max_messages = max_messages
 
     def leave(self) -> None:
         """No longer parked (woken or aborted): its alarm entry, if any, is stale now."""
@@ -149,9 +155,9 @@ class _Wait:
         if self.alarm is not None:
             self.alarm.live -= 1
 
-    def wake(self) -> None:
+    def wake(self, value: list[ReceivedMessage] | None = None) -> None:
         self.leave()
-        trio.lowlevel.reschedule(self.task)
+        trio.lowlevel.reschedule(self.task, outcome.Value(value))
 
 
 class _Alarm:
@@ -260,9 +266,19 @@ class _Waiters:
         self._queue: list[_Wait] = []
         self._parked = 0
 
-    async def wait(self, until: float, alarm: _Alarm) -> None:
-        """Return when notified or at ``until`` (trio clock). Cancellable."""
-        wait = _Wait(self, until)
+    async def wait(
+        self,
+        until: float,
+        alarm: _Alarm,
+        receiver: _SessionReceiver | None = None,
+        max_messages: int = 0,
+    ) -> list[ReceivedMessage] | None:
+        """Return when notified or at ``until`` (trio clock). Cancellable.
+
+        A session receive passes its ``receiver``: a sender may then deliver up to
+        ``max_messages`` to it directly (see `InMemoryProvider._session_changed`), which are
+        returned (already locked); otherwise None."""
+        wait = _Wait(self, until, receiver, max_messages)
         queue = self._queue
         if len(queue) > 2 * self._parked + 4:
             queue[:] = [entry for entry in queue if entry.parked]
@@ -276,7 +292,23 @@ class _Waiters:
             self.discard(wait)
             return trio.lowlevel.Abort.SUCCEEDED
 
-        await trio.lowlevel.wait_task_rescheduled(abort)
+        return await trio.lowlevel.wait_task_rescheduled(abort)  # type: ignore[no-any-return]
+
+    def first(self) -> _Wait | None:
+        """The waiter a notification would wake, left in place."""
+        queue = self._queue
+        while queue:
+            wait = queue[0]
+            if wait.parked:
+                return wait
+            queue.pop(0)
+        return None
+
+    def hand_over(self, wait: _Wait, delivered: list[ReceivedMessage]) -> None:
+        """Wake `first` with the messages delivered to it."""
+        self._queue.pop(0)
+        self._parked -= 1
+        wait.wake(delivered)
 
     def discard(self, wait: _Wait) -> None:
         """``wait`` left without a notification (its entry is skipped later)."""
@@ -646,8 +678,11 @@ class InMemoryProvider(Provider):
                 self._session_changed(queue, payload, now)
 
     # -- message movement ------------------------------------------------------------------
-    def _make_available(self, queue: _Queue, rec: _Rec, now: float, *, enqueued_at: float) -> None:
-        """Give ``rec`` its sequence number and make it deliverable."""
+    def _make_available(
+        self, queue: _Queue, rec: _Rec, now: float, *, enqueued_at: float, notify: bool = True
+    ) -> None:
+        """Give ``rec`` its sequence number and make it deliverable. ``notify=False`` leaves
+        re-evaluating its session to the caller (`send` does it once per session and batch)."""
         rec.seq = next(self._seq)
         rec.enqueued_at = enqueued_at
         rec.state = "pending"
@@ -663,7 +698,8 @@ class InMemoryProvider(Provider):
             queue.waiters.notify()
         else:
             heapq.heappush(session.pending, (rec.seq, rec))
-            self._session_changed(queue, session, now)
+            if notify:
+                self._session_changed(queue, session, now)
 
     def _unlock(self, queue: _Queue, rec: _Rec) -> None:
         if rec.lock_token is not None:
@@ -758,8 +794,18 @@ class InMemoryProvider(Provider):
     def _session_changed(self, queue: _Queue, session: _Session, now: float) -> None:
         """Re-evaluate a session after its pending messages or holder changed."""
         head = self._head(session)
-        if session.holder is not None:
+        holder = session.holder
+        if holder is not None:
             if head is not None and head.visible_at <= now:
+                # The holder's receive is parked: deliver to it here, as trio's channels hand a
+                # value to a waiting receiver, rather than waking it to look (which cost as
+                # much again per message). Same order and locking as `receive` itself.
+                waiter = session.waiters.first()
+                if waiter is not None and waiter.receiver is holder and not holder._closed:
+                    delivered = holder._take(session, waiter.max_messages, now)
+                    if delivered:
+                        session.waiters.hand_over(waiter, delivered)
+                        return
                 session.waiters.notify()
             return
         if head is None:
@@ -881,6 +927,7 @@ class InMemoryProvider(Provider):
                 f"queue {queue!r} holds {q.held} messages (dead-letter queue included); the bound is"
                 f" {self.max_queue_messages}: receive or purge before sending more"
             )
+        touched: dict[_Session, None] = {}  # sessions that got messages, in order of first
         for message in messages:
             stored = _copy(message)  # the producer may reuse or change its object
             session: _Session | None = None
@@ -901,8 +948,15 @@ class InMemoryProvider(Provider):
                 if session is not None:
                     session.scheduled += 1
                 self._timer(q, due, "activate", rec)
-            else:
+            elif session is None:
                 self._make_available(q, rec, now, enqueued_at=now)
+            else:
+                self._make_available(q, rec, now, enqueued_at=now, notify=False)
+                touched[session] = None
+        # Once per session, after the whole batch: a waiting holder is handed all of its new
+        # messages at once (up to what its receive asked for), as a fresh receive would take.
+        for session in touched:
+            self._session_changed(q, session, now)
 
     async def accept_session(self, queue: str, *, timeout: float) -> Receiver | None:
         """The session whose first available message is oldest among sessions nobody holds,
@@ -1044,6 +1098,36 @@ class _SessionReceiver(Receiver):
             )
         return rec
 
+    def _take(self, session: _Session, max_messages: int, now: float) -> list[ReceivedMessage]:
+        """Lock and hand out up to ``max_messages`` deliverable messages from the session's
+        head, in sequence order (expired ones are dropped on the way)."""
+        provider = self._provider
+        queue = self._queue
+        out: list[ReceivedMessage] = []
+        pending = session.pending
+        while len(out) < max_messages:
+            while pending and pending[0][1].state != "pending":
+                heapq.heappop(pending)  # `_head`, inlined
+            if not pending:
+                break
+            head = pending[0][1]
+            if head.visible_at > now:
+                break
+            heapq.heappop(pending)
+            if head.expires_at is not None and head.expires_at <= now:
+                provider._expire(queue, head)
+                continue
+            # `_deliver`, inlined: this loop runs once per message.
+            token = f"lock-{next(provider._tokens)}"
+            session.in_flight[token] = head
+            head.state = "locked"
+            head.delivery_count += 1
+            head.lock_token = token
+            head.locked_until = session.lock_until
+            queue.n_locked += 1
+            out.append(provider._received(head, receipt=token))
+        return out
+
     async def receive(self, max_messages: int = 1, timeout: float = 0.0) -> list[ReceivedMessage]:
         """Up to ``max_messages`` of this session's messages, in sequence order, waiting at most
         ``timeout`` seconds for the first. Cancellable: a cancelled call takes nothing."""
@@ -1068,29 +1152,7 @@ class _SessionReceiver(Receiver):
                 or (queue.timers and queue.timers[0][0] <= now)
             ):
                 session = self._check(now)  # due events to apply, or the lock is gone (raises)
-            out: list[ReceivedMessage] = []
-            pending = session.pending
-            while len(out) < max_messages:
-                while pending and pending[0][1].state != "pending":
-                    heapq.heappop(pending)  # `_head`, inlined
-                if not pending:
-                    break
-                head = pending[0][1]
-                if head.visible_at > now:
-                    break
-                heapq.heappop(pending)
-                if head.expires_at is not None and head.expires_at <= now:
-                    provider._expire(self._queue, head)
-                    continue
-                # `_deliver`, inlined: this loop runs once per message.
-                token = f"lock-{next(provider._tokens)}"
-                session.in_flight[token] = head
-                head.state = "locked"
-                head.delivery_count += 1
-                head.lock_token = token
-                head.locked_until = session.lock_until
-                queue.n_locked += 1
-                out.append(provider._received(head, receipt=token))
+            out = self._take(session, max_messages, now)
             if out or now >= deadline:
                 if not waited:
                     # Shielded: what was taken above is returned even if cancelled meanwhile.
@@ -1104,7 +1166,13 @@ class _SessionReceiver(Receiver):
                 if not timers or timers[0][0] >= deadline
                 else min(deadline, provider._next_event(queue))
             )
-            await session.waiters.wait(until, provider._alarm)
+            delivered = await session.waiters.wait(until, provider._alarm, self, max_messages)
+            if delivered:
+                # Handed over by a sender, already locked. Its lock may have been lost since
+                # (the messages were then handed back): raise as a fresh look would.
+                if self._lost or session.holder is not self:
+                    self._check()
+                return delivered
             waited = True
             now = provider._now()
 
