@@ -282,6 +282,7 @@ class Session:
         self._phase = _BUSY
         self._current: ReceivedMessage | None = None
         self._tracked: tuple[int, float | None] | None = None
+        self._receive_backoff: Backoff | None = None  # while receives fail in a row
         self._lost: BaseException | None = None
         self._message_locks: dict[str, _MessageLock] = {}
         self._in_progress: dict[str, ReceivedMessage] = {}
@@ -349,7 +350,13 @@ class Session:
                         )
                     with telemetry.session_span(self.session_id):
                         await actor.on_start()
-                        reason = await self._loop(actor)
+                        # (Dispatched here, not in a helper: every await level is paid again
+                        # at each wait and wake-up of the session.)
+                        concurrency = self._concurrency()
+                        if concurrency == 1:
+                            reason = await self._ordered_loop(actor)
+                        else:
+                            reason = await self._concurrent_loop(actor, concurrency)
                 except _LockLost as lost:
                     self.lock_lost(lost.cause)
                 except _SessionFailed as failed:
@@ -396,12 +403,6 @@ class Session:
             telemetry.session_ended(self.session_id, seconds=trio.current_time() - started, reason=reason)
         return reason
 
-    async def _loop(self, actor: SessionActor[Any]) -> StopReason:
-        concurrency = self._concurrency()
-        if concurrency == 1:
-            return await self._ordered_loop(actor)
-        return await self._concurrent_loop(actor, concurrency)
-
     def _concurrency(self) -> int:
         config = self.runtime.config
         if self.session_id is None:
@@ -421,12 +422,58 @@ class Session:
         """
         if self.session_id is None:
             return await self._ordered_steps(actor)
+        rt = self.runtime
+        config = rt.config
+        idle = config.session_idle_timeout
+        receive_timeout = config.receive_timeout
+        max_messages = 1 + config.prefetch
+        mailbox = self._mailbox
+        receiver = self.receiver
+        now = rt.now
         with trio.CancelScope() as scope:
             self._loop_scope = scope
             self._waiting = _Phase(self, _WAITING)
             self._working = _Phase(self, _WORKING)
             try:
-                return await self._ordered_steps(actor)
+                # `_ordered_steps` with `_receive`'s common path written in: this loop turns
+                # once per message, and each await level it saves is paid at every wait and
+                # wake-up of the session (with hundreds of sessions, most messages wake one).
+                idle_deadline = now() + idle
+                while True:
+                    if rt.stopping:
+                        return "shutdown"
+                    if not mailbox:
+                        started = now()
+                        timeout = idle_deadline - started
+                        if timeout <= 0:
+                            return "idle"
+                        self._phase = _WAITING  # what `self._waiting` marks, without the calls
+                        try:
+                            received = await receiver.receive(
+                                max_messages, timeout if timeout < receive_timeout else receive_timeout
+                            )
+                        except _LOCK_ERRORS as error:
+                            raise _LockLost(error) from None
+                        except QueueError as error:
+                            self._phase = _BUSY
+                            if not await self._receive_failed(error):
+                                return "shutdown"
+                            continue
+                        finally:
+                            self._phase = _BUSY
+                        self._receive_backoff = None
+                        if not received:
+                            continue  # the next turn ends the session if it is idle
+                        rt.telemetry.messages_received(received, seconds=now() - started)
+                        rt.counters.received += len(received)
+                        mailbox.extend(received)
+                        if self._tracked != (self.renew_generation, receiver.locked_until):
+                            rt.renewer.track(self)  # see `_receive`
+                            self._tracked = (self.renew_generation, receiver.locked_until)
+                    if not await self._process(actor, mailbox.popleft()):
+                        return "shutdown"
+                    if not mailbox:  # only a receive reads it: no clock read per prefetched message
+                        idle_deadline = now() + idle
             finally:
                 self._loop_scope = self._waiting = self._working = None
                 self._phase = _BUSY
@@ -565,6 +612,16 @@ class Session:
                     self._tracked = (self.renew_generation, self.receiver.locked_until)
             return received
 
+    async def _receive_failed(self, error: QueueError) -> bool:
+        """A receive of the ordered loop failed: report it, raise `_SessionFailed` unless it is
+        transient, else back off before the next try. False when a stop interrupted the wait."""
+        self.runtime.telemetry.error(error, operation="receive")
+        if not error.transient:
+            raise _SessionFailed(error) from None
+        if self._receive_backoff is None:
+            self._receive_backoff = Backoff(initial=0.2, maximum=5.0)
+        return await self._backoff(self._receive_backoff.next_delay())
+
     def _wait_scope(self) -> trio.CancelScope | _Phase | None:
         """Where a wait runs; None when a stop request already came (do not wait)."""
         if self._waiting is not None:
@@ -587,6 +644,7 @@ class Session:
         rt = self.runtime
         config = rt.config
         telemetry = rt.telemetry
+        receiver = self.receiver
         lock = self._message_locks.get(message.receipt) if self.session_id is None else None
         self._in_progress[message.receipt] = message
         self._current = message
@@ -666,8 +724,20 @@ class Session:
                     await self._abandon(message)  # the grace period ended: hand it back
                     return False
                 if failure is None:
-                    if not context.settled:
+                    if context.settled:
+                        return True
+                    if rt.own_settle_span or tracing_enabled():
                         await self._complete(message)
+                        return True
+                    # `_complete` without a span, written in (once per message): the broker is
+                    # called directly; the retry and error mapping only when it fails.
+                    started = perf_counter()  # a duration, as `handled()` measures
+                    try:
+                        await receiver.complete(message)
+                    except QueueError as error:
+                        await self._settle("complete", lambda: receiver.complete(message), message, error)
+                    rt.counters.completed += 1
+                    telemetry.message_completed(message, seconds=perf_counter() - started)
                     return True
                 if context.settled:
                     telemetry.log(
@@ -756,18 +826,11 @@ class Session:
             raise _SessionFailed(error) from None
 
     async def _complete(self, message: ReceivedMessage) -> None:
+        """Complete with a settle span (`_process` completes directly when there is none)."""
         rt = self.runtime
         started = perf_counter()  # a duration only, as `handled()` measures (no trio clock read)
         receiver = self.receiver
-        if rt.own_settle_span or tracing_enabled():
-            await self._settle("complete", lambda: receiver.complete(message), message)
-        else:
-            # Once per message: without a span to open, call the broker directly and enter the
-            # retry and error mapping only when it fails.
-            try:
-                await receiver.complete(message)
-            except QueueError as error:
-                await self._settle("complete", lambda: receiver.complete(message), message, error)
+        await self._settle("complete", lambda: receiver.complete(message), message)
         rt.counters.completed += 1
         rt.telemetry.message_completed(message, seconds=perf_counter() - started)
 
