@@ -683,3 +683,31 @@ async def test_a_telemetry_subclass_sees_every_span_call_with_tracing_off(autoju
             supervisor.stop()
     assert done_order(log, "a") == [1, 2, 3]
     assert calls == [(kind, i) for i in ids for kind in ("process", "complete")]
+
+
+async def test_message_logs_follow_the_log_level_with_metrics_and_tracing_off(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Sessions skip the per-message telemetry hooks while nothing would see them, but turn
+    them back on as soon as message logging is enabled (checked at every receive)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="queue_runtime")
+    log = Log()
+
+    def completions() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if getattr(r, "operation", None) == "complete"]
+
+    async with InMemoryProvider() as provider:
+        await send(provider, "a", Event(n=1), Event(n=2))
+        supervisor = Supervisor(provider, make_actor(log), config())
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.serve)
+            await trio.sleep(1)
+            assert done_order(log, "a") == [1, 2] and completions() == []
+            caplog.set_level(logging.DEBUG, logger="queue_runtime")
+            await send(provider, "a", Event(n=3))
+            await trio.sleep(1)
+            supervisor.stop()
+    assert done_order(log, "a") == [1, 2, 3]
+    assert [r.levelno for r in completions()] == [logging.DEBUG]

@@ -38,7 +38,8 @@ from .errors import InvalidReceipt, MessageLockLost, QueueError, SessionLockLost
 from .message import ReceivedMessage
 from .providers.base import Receiver
 from .retry import Backoff, CircuitBreaker, call_with_retry
-from .telemetry import Telemetry, tracing_enabled
+from .telemetry import MESSAGE_EVENT_LEVEL, Telemetry, metrics_enabled, tracing_enabled
+from .telemetry import logger as _logger
 
 if TYPE_CHECKING:
     from .supervisor import Counters
@@ -210,6 +211,17 @@ class Runtime:
         kind = type(telemetry)
         self.own_process_span = kind.process_span is not Telemetry.process_span
         self.own_settle_span = kind.settle_span is not Telemetry.settle_span
+        # The per-message hooks (received, spans, handled, completed) do nothing unless metrics,
+        # tracing or message-level logging is on, or a subclass overrides one of them; see
+        # `observing`.
+        self.own_message_hooks = (
+            self.own_process_span
+            or self.own_settle_span
+            or any(
+                getattr(kind, hook) is not getattr(Telemetry, hook)
+                for hook in ("messages_received", "handled", "message_completed")
+            )
+        )
         self.counters = counters
         self.renewer = renewer
         self.breaker = breaker
@@ -219,6 +231,17 @@ class Runtime:
         #: ``trio.current_time``, or once serving the run's clock's own ``current_time``: the
         #: same value in one call instead of three (it is read several times per message).
         self.now: Callable[[], float] = trio.current_time
+
+    def observing(self) -> bool:
+        """Whether the per-message telemetry hooks have anything to do now. Sessions ask once
+        per receive and skip the hooks (and the clock reads for their durations) otherwise.
+        Turns True as soon as a meter or tracer provider is set or message logging enabled."""
+        return (
+            self.own_message_hooks
+            or metrics_enabled()
+            or tracing_enabled()
+            or _logger.isEnabledFor(MESSAGE_EVENT_LEVEL)
+        )
 
     def bind_clock(self) -> None:
         """Read time straight from the current run's clock (call inside the run)."""
@@ -283,9 +306,9 @@ class Session:
         self._current: ReceivedMessage | None = None
         self._tracked: tuple[int, float | None] | None = None
         self._receive_backoff: Backoff | None = None  # while receives fail in a row
+        self._quiet = False  # `not Runtime.observing()`, as of the last receive
         self._lost: BaseException | None = None
         self._message_locks: dict[str, _MessageLock] = {}
-        self._in_progress: dict[str, ReceivedMessage] = {}
         self.stop_reason: StopReason | None = None
 
     # -- signals from outside ----------------------------------------------------------------
@@ -464,7 +487,9 @@ class Session:
                         self._receive_backoff = None
                         if not received:
                             continue  # the next turn ends the session if it is idle
-                        rt.telemetry.messages_received(received, seconds=now() - started)
+                        self._quiet = quiet = not rt.observing()
+                        if not quiet:
+                            rt.telemetry.messages_received(received, seconds=now() - started)
                         rt.counters.received += len(received)
                         mailbox.extend(received)
                         if self._tracked != (self.renew_generation, receiver.locked_until):
@@ -596,7 +621,9 @@ class Session:
             if scope.cancelled_caught:
                 return None
             if received:
-                rt.telemetry.messages_received(received, seconds=rt.now() - started)
+                self._quiet = quiet = not rt.observing()
+                if not quiet:
+                    rt.telemetry.messages_received(received, seconds=rt.now() - started)
                 rt.counters.received += len(received)
                 self._mailbox.extend(received)
                 if self.session_id is None:
@@ -646,7 +673,7 @@ class Session:
         telemetry = rt.telemetry
         receiver = self.receiver
         lock = self._message_locks.get(message.receipt) if self.session_id is None else None
-        self._in_progress[message.receipt] = message
+        quiet = self._quiet
         self._current = message
         cancelled = False
         try:
@@ -693,7 +720,9 @@ class Session:
                         lock.scope = work
                 with work:
                     try:
-                        if rt.own_process_span or tracing_enabled():
+                        if quiet:
+                            await actor.handle(body, context)
+                        elif rt.own_process_span or tracing_enabled():
                             with telemetry.process_span(message, attempt):
                                 await actor.handle(body, context)
                         else:
@@ -726,18 +755,19 @@ class Session:
                 if failure is None:
                     if context.settled:
                         return True
-                    if rt.own_settle_span or tracing_enabled():
+                    if not quiet and (rt.own_settle_span or tracing_enabled()):
                         await self._complete(message)
                         return True
                     # `_complete` without a span, written in (once per message): the broker is
                     # called directly; the retry and error mapping only when it fails.
-                    started = perf_counter()  # a duration, as `handled()` measures
+                    started = 0.0 if quiet else perf_counter()  # a duration, as `handled()` measures
                     try:
                         await receiver.complete(message)
                     except QueueError as error:
                         await self._settle("complete", lambda: receiver.complete(message), message, error)
                     rt.counters.completed += 1
-                    telemetry.message_completed(message, seconds=perf_counter() - started)
+                    if not quiet:
+                        telemetry.message_completed(message, seconds=perf_counter() - started)
                     return True
                 if context.settled:
                     telemetry.log(
@@ -763,7 +793,6 @@ class Session:
         finally:
             if not cancelled:
                 self._current = None
-            self._in_progress.pop(message.receipt, None)
             if lock is not None:
                 rt.renewer.untrack(lock)
                 self._message_locks.pop(message.receipt, None)
@@ -849,7 +878,7 @@ class Session:
     async def _hand_back(self) -> None:
         """Abandon every message received but not settled, in order. Errors are logged:
         anything not handed back is redelivered when its lock expires."""
-        pending = list(self._in_progress.values()) + list(self._mailbox)
+        pending = list(self._mailbox)  # (a message in progress has been settled or handed back)
         self._mailbox.clear()
         for message in pending:
             try:
