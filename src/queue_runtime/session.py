@@ -461,12 +461,12 @@ class Session:
                 # `_ordered_steps` with `_receive`'s common path written in: this loop turns
                 # once per message, and each await level it saves is paid at every wait and
                 # wake-up of the session (with hundreds of sessions, most messages wake one).
-                idle_deadline = now() + idle
+                started = now()  # read when the mailbox empties: the clock read per message
+                idle_deadline = started + idle
                 while True:
                     if rt.stopping:
                         return "shutdown"
                     if not mailbox:
-                        started = now()
                         timeout = idle_deadline - started
                         if timeout <= 0:
                             return "idle"
@@ -481,11 +481,13 @@ class Session:
                             self._phase = _BUSY
                             if not await self._receive_failed(error):
                                 return "shutdown"
+                            started = now()
                             continue
                         finally:
                             self._phase = _BUSY
                         self._receive_backoff = None
                         if not received:
+                            started = now()
                             continue  # the next turn ends the session if it is idle
                         self._quiet = quiet = not rt.observing()
                         if not quiet:
@@ -497,8 +499,9 @@ class Session:
                             self._tracked = (self.renew_generation, receiver.locked_until)
                     if not await self._process(actor, mailbox.popleft()):
                         return "shutdown"
-                    if not mailbox:  # only a receive reads it: no clock read per prefetched message
-                        idle_deadline = now() + idle
+                    if not mailbox:  # only a receive reads them: no clock read per prefetched message
+                        started = now()
+                        idle_deadline = started + idle
             finally:
                 self._loop_scope = self._waiting = self._working = None
                 self._phase = _BUSY

@@ -1152,7 +1152,7 @@ class _SessionReceiver(Receiver):
                 or (queue.timers and queue.timers[0][0] <= now)
             ):
                 session = self._check(now)  # due events to apply, or the lock is gone (raises)
-            out = self._take(session, max_messages, now)
+            out = self._take(session, max_messages, now) if session.pending else []
             if out or now >= deadline:
                 if not waited:
                     # Shielded: what was taken above is returned even if cancelled meanwhile.
