@@ -934,7 +934,10 @@ class InMemoryProvider(Provider):
         for message in messages:
             if not isinstance(message, Message):
                 raise ValidationError(f"expected a Message, got {type(message).__name__}")
-            size = message_size(message)
+            if message.properties or message.correlation_id or message.content_type:
+                size = message_size(message)
+            else:  # `message_size` without the parts it lacks (ids are ASCII: checked)
+                size = len(message.body) + len(message.message_id) + len(message.session_id or "")
             if size > caps.max_message_size:
                 raise MessageTooLarge(size, caps.max_message_size)
             total += size
@@ -955,14 +958,25 @@ class InMemoryProvider(Provider):
                 f" {self.max_queue_messages}: receive or purge before sending more"
             )
         touched: dict[_Session, None] = {}  # sessions that got messages, in order of first
+        sessions = q.sessions
         for message in messages:
-            stored = _copy(message)  # the producer may reuse or change its object
+            stored = _shallow_copy(message)  # the producer may reuse or change its object
+            stored.properties = dict(message.properties)  # (`_copy`, inlined)
             session: _Session | None = None
             if q.requires_session and message.session_id is not None:
-                session = q.sessions.get(message.session_id)
+                session = sessions.get(message.session_id)
                 if session is None:
-                    session = q.sessions[message.session_id] = _Session(message.session_id)
+                    session = sessions[message.session_id] = _Session(message.session_id)
             rec = _Rec(stored, session)
+            plain = message.scheduled_enqueue_time is None and message.time_to_live is None
+            if session is not None and plain:
+                # `_make_available` for the common case, inlined (once per message sent).
+                rec.seq = seq = next(self._seq)
+                rec.enqueued_at = rec.visible_at = now
+                q.live[seq] = rec
+                heapq.heappush(session.pending, (seq, rec))
+                touched[session] = None
+                continue
             due = (
                 self._to_trio(message.scheduled_enqueue_time)
                 if message.scheduled_enqueue_time is not None
@@ -1144,7 +1158,7 @@ class _SessionReceiver(Receiver):
             if head.expires_at is not None and head.expires_at <= now:
                 provider._expire(queue, head)
                 continue
-            # `_deliver`, inlined: this loop runs once per message.
+            # `_deliver` and `_received`, inlined: this loop runs once per message.
             token = f"lock-{next(provider._tokens)}"
             session.in_flight[token] = head
             head.state = "locked"
@@ -1152,7 +1166,21 @@ class _SessionReceiver(Receiver):
             head.lock_token = token
             head.locked_until = session.lock_until
             queue.n_locked += 1
-            out.append(provider._received(head, receipt=token))
+            message = _shallow_copy(head.message)  # the consumer's own copy
+            message.properties = dict(message.properties)
+            out.append(
+                ReceivedMessage(
+                    message=message,
+                    receipt=token,
+                    delivery_count=head.delivery_count,
+                    enqueued_at=provider._to_wall(head.enqueued_at),
+                    sequence_number=head.seq,
+                    locked_until=head.locked_until,
+                    dead_letter_reason=head.dead_letter_reason,
+                    dead_letter_description=head.dead_letter_description,
+                    dead_letter_source=head.dead_letter_source,
+                )
+            )
         return out
 
     async def receive(self, max_messages: int = 1, timeout: float = 0.0) -> list[ReceivedMessage]:
