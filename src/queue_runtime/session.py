@@ -304,7 +304,9 @@ class Session:
         self._working: _Phase | None = None
         self._phase = _BUSY
         self._current: ReceivedMessage | None = None
-        self._tracked: tuple[int, float | None] | None = None
+        # The renewal entry made last (generation, lock deadline): see `_receive`.
+        self._tracked_generation = -1
+        self._tracked_until: float | None = None
         self._receive_backoff: Backoff | None = None  # while receives fail in a row
         self._quiet = False  # `not Runtime.observing()`, as of the last receive
         self._lost: BaseException | None = None
@@ -494,9 +496,10 @@ class Session:
                             rt.telemetry.messages_received(received, seconds=now() - started)
                         rt.counters.received += len(received)
                         mailbox.extend(received)
-                        if self._tracked != (self.renew_generation, receiver.locked_until):
+                        until = receiver.locked_until
+                        if until != self._tracked_until or self.renew_generation != self._tracked_generation:
                             rt.renewer.track(self)  # see `_receive`
-                            self._tracked = (self.renew_generation, receiver.locked_until)
+                            self._tracked_generation, self._tracked_until = self.renew_generation, until
                     if not await self._process(actor, mailbox.popleft()):
                         return "shutdown"
                     if not mailbox:  # only a receive reads them: no clock read per prefetched message
@@ -634,12 +637,16 @@ class Session:
                         lock = _MessageLock(self, message)
                         self._message_locks[message.receipt] = lock
                         rt.renewer.track(lock)
-                elif self._tracked != (self.renew_generation, self.receiver.locked_until):
+                elif (
+                    self.receiver.locked_until != self._tracked_until
+                    or self.renew_generation != self._tracked_generation
+                ):
                     # Re-schedule renewal only when the lock deadline moved (or renewal was
                     # re-scheduled elsewhere): the current entry is still right otherwise, and
                     # a push per receive filled the heap with stale entries.
                     rt.renewer.track(self)
-                    self._tracked = (self.renew_generation, self.receiver.locked_until)
+                    self._tracked_generation = self.renew_generation
+                    self._tracked_until = self.receiver.locked_until
             return received
 
     async def _receive_failed(self, error: QueueError) -> bool:

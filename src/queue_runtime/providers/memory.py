@@ -311,6 +311,14 @@ class _Waiters:
         A session receive passes its ``receiver``: a sender may then deliver up to
         ``max_messages`` to it directly (see `InMemoryProvider._session_changed`), which are
         returned (already locked); otherwise None."""
+        wait = self.park(until, alarm, receiver, max_messages)
+        return await trio.lowlevel.wait_task_rescheduled(wait.abort)  # type: ignore[no-any-return]
+
+    def park(
+        self, until: float, alarm: _Alarm, receiver: _SessionReceiver | None, max_messages: int
+    ) -> _Wait:
+        """`wait`'s registration: the caller then parks in ``wait_task_rescheduled(w.abort)``
+        itself (a session receive does, saving a coroutine per wait)."""
         wait = _Wait(self, until, receiver, max_messages)
         queue = self._queue
         if len(queue) > 2 * self._parked + 4:
@@ -319,7 +327,7 @@ class _Waiters:
         self._parked += 1
         if until != math.inf:
             alarm.add(wait)
-        return await trio.lowlevel.wait_task_rescheduled(wait.abort)  # type: ignore[no-any-return]
+        return wait
 
     def first(self) -> _Wait | None:
         """The waiter a notification would wake, left in place."""
@@ -1221,7 +1229,9 @@ class _SessionReceiver(Receiver):
                 if not timers or timers[0][0] >= deadline
                 else min(deadline, provider._next_event(queue))
             )
-            delivered = await session.waiters.wait(until, provider._alarm, self, max_messages)
+            # `session.waiters.wait`, without its coroutine: this runs once per message.
+            parked = session.waiters.park(until, provider._alarm, self, max_messages)
+            delivered: list[ReceivedMessage] | None = await trio.lowlevel.wait_task_rescheduled(parked.abort)
             if delivered:
                 # Handed over by a sender, already locked. Its lock may have been lost since
                 # (the messages were then handed back): raise as a fresh look would.
