@@ -203,6 +203,10 @@ class Runtime:
         breaker: CircuitBreaker,
     ) -> None:
         self.actor_class = actor_class
+        # The default hooks do nothing: not calling them saves a cancel scope per session
+        # (on_stop runs under its own timeout), which counts when sessions are short.
+        self.calls_on_start = actor_class.on_start is not SessionActor.on_start
+        self.calls_on_stop = actor_class.on_stop is not SessionActor.on_stop
         self.decode = actor_class.__decoder__
         self.config = config
         self.telemetry = telemetry
@@ -308,6 +312,7 @@ class Session:
         self._tracked_generation = -1
         self._tracked_until: float | None = None
         self._receive_backoff: Backoff | None = None  # while receives fail in a row
+        self._renew_bound = self._renew_now  # every MessageContext gets it: bound once
         self._quiet = False  # `not Runtime.observing()`, as of the last receive
         self._lost: BaseException | None = None
         self._message_locks: dict[str, _MessageLock] = {}
@@ -374,7 +379,8 @@ class Session:
                             self.session_id, self.receiver.get_state, self.receiver.set_state
                         )
                     with telemetry.session_span(self.session_id):
-                        await actor.on_start()
+                        if rt.calls_on_start:
+                            await actor.on_start()
                         # (Dispatched here, not in a helper: every await level is paid again
                         # at each wait and wake-up of the session.)
                         concurrency = self._concurrency()
@@ -410,7 +416,7 @@ class Session:
                 cleanup.deadline = trio.current_time() + CLEANUP_TIMEOUT
                 if self._lost is None and not cancelled:
                     await self._hand_back()
-                if actor is not None:
+                if actor is not None and rt.calls_on_stop:
                     with trio.move_on_after(1.0 if cancelled else CLEANUP_TIMEOUT):
                         try:
                             await actor.on_stop(reason)
@@ -713,7 +719,7 @@ class Session:
                     inner.content_type,
                     attempt,
                     _bind_dead_letter(self, message),
-                    self._renew_now,
+                    self._renew_bound,
                 )
                 now = rt.now()
                 self.busy_since = now
