@@ -1154,6 +1154,7 @@ class _SessionReceiver(Receiver):
         queue = self._queue
         out: list[ReceivedMessage] = []
         pending = session.pending
+        wall_at, wall = provider._wall_memo  # `_to_wall`'s memo, read once
         while len(out) < max_messages:
             while pending and pending[0][1].state != "pending":
                 heapq.heappop(pending)  # `_head`, inlined
@@ -1181,7 +1182,7 @@ class _SessionReceiver(Receiver):
                     message=message,
                     receipt=token,
                     delivery_count=head.delivery_count,
-                    enqueued_at=provider._to_wall(head.enqueued_at),
+                    enqueued_at=wall if head.enqueued_at == wall_at else provider._to_wall(head.enqueued_at),
                     sequence_number=head.seq,
                     locked_until=head.locked_until,
                     dead_letter_reason=head.dead_letter_reason,
@@ -1246,8 +1247,15 @@ class _SessionReceiver(Receiver):
         await trio.lowlevel.checkpoint_if_cancelled()  # `_enter_nowait`, inlined (per message)
         if provider._closed or provider._faults:
             provider._admit("complete")
-        now = provider._now()
-        session = self._check(now)
+        session = self._session
+        timers = self._queue.timers
+        if (
+            self._closed
+            or self._lost
+            or session.holder is not self
+            or (timers and timers[0][0] <= provider._now())
+        ):
+            session = self._check()  # due events to apply, or the lock is gone (raises)
         # `_in_flight` and `_remove`, inlined: this runs once per message.
         rec = session.in_flight.pop(message.receipt, None) if message.receipt else None
         if rec is None:
