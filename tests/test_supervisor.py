@@ -711,3 +711,37 @@ async def test_message_logs_follow_the_log_level_with_metrics_and_tracing_off(
             supervisor.stop()
     assert done_order(log, "a") == [1, 2, 3]
     assert [r.levelno for r in completions()] == [logging.DEBUG]
+
+
+async def test_the_context_describes_the_delivery_and_its_properties_are_the_handlers_own(
+    autojump_clock: Any,
+) -> None:
+    seen: list[tuple[Any, ...]] = []
+    dead: list[str] = []
+
+    class Inspector(SessionActor[Event]):
+        async def handle(self, event: Event, ctx: MessageContext) -> None:
+            seen.append(
+                (ctx.message_id, ctx.session_id, ctx.correlation_id, ctx.content_type,
+                 ctx.delivery_count, ctx.attempt, dict(ctx.properties), ctx.enqueued_at)
+            )  # fmt: skip
+            ctx.properties["tenant"] = "changed"  # the handler's copy only
+            if ctx.attempt == 1:
+                raise RuntimeError("retry me")
+            await ctx.dead_letter("Inspected", "seen twice")
+            try:
+                await ctx.dead_letter("Again")
+            except RuntimeError as error:
+                dead.append(str(error))
+
+    async with InMemoryProvider() as provider:
+        message = Message.json(Event(n=1), session_id="a", correlation_id="c-1", properties={"tenant": "t1"})
+        await provider.send(QUEUE, [message])
+        await run_for(Supervisor(provider, Inspector, config()), 1)
+        [letter] = await provider.peek_dead_letters(QUEUE)
+    assert len(seen) == 2
+    for attempt, row in enumerate(seen, start=1):
+        assert row[:7] == (message.message_id, "a", "c-1", "application/json", 1, attempt, {"tenant": "t1"})
+        assert row[7] is not None and row[7].tzinfo is not None
+    assert dead == [f"message {message.message_id} is already settled"]
+    assert (letter.dead_letter_reason, letter.message.properties) == ("Inspected", {"tenant": "t1"})

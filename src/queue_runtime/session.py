@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from .actor import DeadLetter, MessageContext, SessionActor, SessionHandle, StopReason
+from .actor import DeadLetter, SessionActor, SessionHandle, StopReason, _DeliveredContext
 from .codec import DecodeError
 from .config import SupervisorConfig
 from .errors import InvalidReceipt, MessageLockLost, QueueError, SessionLockLost, Timeout
@@ -312,7 +312,9 @@ class Session:
         self._tracked_generation = -1
         self._tracked_until: float | None = None
         self._receive_backoff: Backoff | None = None  # while receives fail in a row
-        self._renew_bound = self._renew_now  # every MessageContext gets it: bound once
+        # Every MessageContext gets these: bound once per session, not per message.
+        self._renew_bound = self._renew_now
+        self._dead_letter_bound = self._dead_letter
         self._quiet = False  # `not Runtime.observing()`, as of the last receive
         self._lost: BaseException | None = None
         self._message_locks: dict[str, _MessageLock] = {}
@@ -709,18 +711,7 @@ class Session:
                 return True
             attempt = 1
             while True:
-                context = MessageContext._fast(
-                    inner.message_id,
-                    inner.session_id,
-                    inner.correlation_id,
-                    message.delivery_count,
-                    message.enqueued_at,
-                    inner.properties,
-                    inner.content_type,
-                    attempt,
-                    _bind_dead_letter(self, message),
-                    self._renew_bound,
-                )
+                context = _DeliveredContext(message, attempt, self._dead_letter_bound, self._renew_bound)
                 now = rt.now()
                 self.busy_since = now
                 if lock is not None:
@@ -929,15 +920,6 @@ class _Phase:
             # handle() is over: settling it must not be cut short by the grace deadline.
             session._loop_scope.deadline = math.inf
         session._phase = _BUSY
-
-
-def _bind_dead_letter(
-    session: Session, message: ReceivedMessage
-) -> Callable[[str, str | None], Awaitable[None]]:
-    async def dead_letter(reason: str, description: str | None) -> None:
-        await session._dead_letter(message, reason, description)
-
-    return dead_letter
 
 
 async def _retry_settle(
