@@ -326,7 +326,13 @@ class _Waiters:
         queue.append(wait)
         self._parked += 1
         if until != math.inf:
-            alarm.add(wait)
+            if until >= alarm._wake_at and alarm._running and len(alarm._later) <= 2 * alarm.live + 64:
+                # `alarm.add`'s common case, inlined (once per wait).
+                wait.alarm = alarm
+                alarm.live += 1
+                alarm._later.append(wait)
+            else:
+                alarm.add(wait)
         return wait
 
     def first(self) -> _Wait | None:
@@ -338,12 +344,6 @@ class _Waiters:
                 return wait
             queue.pop(0)
         return None
-
-    def hand_over(self, wait: _Wait, delivered: list[ReceivedMessage]) -> None:
-        """Wake `first` with the messages delivered to it."""
-        self._queue.pop(0)
-        self._parked -= 1
-        wait.wake(delivered)
 
     def discard(self, wait: _Wait) -> None:
         """``wait`` left without a notification (its entry is skipped later)."""
@@ -835,13 +835,21 @@ class InMemoryProvider(Provider):
                 # The holder's receive is parked: deliver to it here, as trio's channels hand a
                 # value to a waiting receiver, rather than waking it to look (which cost as
                 # much again per message). Same order and locking as `receive` itself.
-                waiter = session.waiters.first()
+                waiters = session.waiters
+                waiter = waiters.first()
                 if waiter is not None and waiter.receiver is holder and not holder._closed:
                     delivered = holder._take(session, waiter.max_messages, now)
                     if delivered:
-                        session.waiters.hand_over(waiter, delivered)
+                        # Take it off the list and wake it with the messages (`waiter.wake`,
+                        # inlined).
+                        waiters._queue.pop(0)
+                        waiters._parked -= 1
+                        waiter.parked = False
+                        if waiter.alarm is not None:
+                            waiter.alarm.live -= 1
+                        trio.lowlevel.reschedule(waiter.task, outcome.Value(delivered))
                         return
-                session.waiters.notify()
+                waiters.notify()
             return
         if head is None:
             if not session.in_flight and session.scheduled == 0 and session.state is None:
