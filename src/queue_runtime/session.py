@@ -290,9 +290,15 @@ class _MessageLock:
 class Session:
     """Runs one actor over one receiver; see the module docstring for the guarantees."""
 
-    def __init__(self, runtime: Runtime, receiver: Receiver) -> None:
+    def __init__(
+        self, runtime: Runtime, receiver: Receiver, on_exit: Callable[[], object] | None = None
+    ) -> None:
         self.runtime = runtime
         self.receiver = receiver
+        # Called last when `run` ends, however it ends (the supervisor frees the session's
+        # slot): the session's task runs `run` itself, with no wrapper level to pass through
+        # at every wait and wake-up.
+        self._on_exit = on_exit
         self.session_id = receiver.session_id
         self.renew_generation = 0
         self.busy_since: float | None = None
@@ -365,12 +371,12 @@ class Session:
         rt = self.runtime
         telemetry = rt.telemetry
         started = trio.current_time()
-        rt.sessions.add(self)
-        rt.counters.sessions_started += 1
-        telemetry.session_accepted(self.session_id)
         actor: SessionActor[Any] | None = None
         reason: StopReason = "error"
         try:
+            rt.sessions.add(self)
+            rt.counters.sessions_started += 1
+            telemetry.session_accepted(self.session_id)
             with self._lock_scope:
                 rt.renewer.track(self)
                 try:
@@ -408,32 +414,36 @@ class Session:
                 rt.counters.lock_lost += 1
                 telemetry.error(self._lost, operation="renew_lock")
         finally:
-            rt.renewer.untrack(self)
-            rt.sessions.discard(self)
-            cancelled = await _being_cancelled()
-            if cancelled:
-                reason = "shutdown"
-            self.stop_reason = reason
-            with trio.CancelScope(shield=True) as cleanup:
-                cleanup.deadline = trio.current_time() + CLEANUP_TIMEOUT
-                if self._lost is None and not cancelled:
-                    await self._hand_back()
-                if actor is not None and rt.calls_on_stop:
-                    with trio.move_on_after(1.0 if cancelled else CLEANUP_TIMEOUT):
-                        try:
-                            await actor.on_stop(reason)
-                        except Exception as error:
-                            telemetry.log(
-                                40,
-                                f"on_stop failed: {describe_exception(error)}",
-                                operation="process",
-                                session_id=self.session_id,
-                            )
-                try:
-                    await self.receiver.aclose()
-                except QueueError as error:
-                    telemetry.error(error, operation="release")
-            telemetry.session_ended(self.session_id, seconds=trio.current_time() - started, reason=reason)
+            try:
+                rt.renewer.untrack(self)
+                rt.sessions.discard(self)
+                cancelled = await _being_cancelled()
+                if cancelled:
+                    reason = "shutdown"
+                self.stop_reason = reason
+                with trio.CancelScope(shield=True) as cleanup:
+                    cleanup.deadline = trio.current_time() + CLEANUP_TIMEOUT
+                    if self._lost is None and not cancelled:
+                        await self._hand_back()
+                    if actor is not None and rt.calls_on_stop:
+                        with trio.move_on_after(1.0 if cancelled else CLEANUP_TIMEOUT):
+                            try:
+                                await actor.on_stop(reason)
+                            except Exception as error:
+                                telemetry.log(
+                                    40,
+                                    f"on_stop failed: {describe_exception(error)}",
+                                    operation="process",
+                                    session_id=self.session_id,
+                                )
+                    try:
+                        await self.receiver.aclose()
+                    except QueueError as error:
+                        telemetry.error(error, operation="release")
+                telemetry.session_ended(self.session_id, seconds=trio.current_time() - started, reason=reason)
+            finally:
+                if self._on_exit is not None:
+                    self._on_exit()
         return reason
 
     def _concurrency(self) -> int:

@@ -28,7 +28,7 @@ import trio
 from .actor import SessionActor
 from .config import SupervisorConfig
 from .errors import ConfigurationError, QueueError
-from .providers.base import Provider, QueueInfo, Receiver
+from .providers.base import Provider, QueueInfo
 from .retry import Backoff, BreakerState, CircuitBreaker
 from .session import LockRenewer, Runtime, Session
 from .telemetry import Telemetry
@@ -262,19 +262,14 @@ class Supervisor:
                         backoff.reset()
                         if receiver is None:
                             continue
-                        sessions.start_soon(self._run_session, receiver)
+                        session = Session(self._runtime, receiver, on_exit=self._slots.release)
+                        sessions.start_soon(session.run)
                         handed_over = True
                     finally:
                         if not handed_over:
                             self._slots.release()
             finally:
                 self._accept_scopes.discard(scope)
-
-    async def _run_session(self, receiver: Receiver) -> None:
-        try:
-            await Session(self._runtime, receiver).run()
-        finally:
-            self._slots.release()
 
     async def _queue_loop(self) -> None:
         """Non-session queue: one receiver, messages handled concurrently (no order)."""
