@@ -24,7 +24,10 @@ Model, in short:
 * Scheduling: ``complete``, ``abandon`` and ``dead_letter`` never wait, so they are
   cancellation points but not scheduling points (like ``trio.MemorySendChannel.send_nowait``
   after a cancel check); ``receive`` passes through the scheduler once per call, by waiting
-  or by a shielded checkpoint, as ``trio.MemoryReceiveChannel.receive`` does.
+  or by a shielded checkpoint, as ``trio.MemoryReceiveChannel.receive`` does. A send to a
+  session whose holder waits in ``receive`` hands that receive the new messages directly
+  (locked, in order, up to what it asked for, once per session and send), as a trio channel
+  hands a value to a waiting receiver.
 * Delivery counting: the first delivery has ``delivery_count`` 1; every later one (after
   abandon, lock expiry, or release of a session that held it) is one more. A message whose
   next delivery would exceed the queue's ``max_delivery_count`` is moved to the dead-letter
