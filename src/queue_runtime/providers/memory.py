@@ -53,6 +53,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
 
+import msgspec
 import outcome
 import trio
 
@@ -97,60 +98,38 @@ def _copy(message: Message) -> Message:
     return duplicate
 
 
-class _Rec:
-    """One stored message and its broker-side bookkeeping."""
+class _Rec(msgspec.Struct, eq=False):
+    """One stored message and its broker-side bookkeeping. (A struct: one is made per message
+    sent, and msgspec builds it with its defaults in C, a fraction of an ``__init__``.)"""
 
-    __slots__ = (
-        "dead_letter_description",
-        "dead_letter_reason",
-        "dead_letter_source",
-        "delivery_count",
-        "due",
-        "enqueued_at",
-        "expires_at",
-        "lock_token",
-        "locked_until",
-        "message",
-        "seq",
-        "session",
-        "state",
-        "visible_at",
-    )
-
-    def __init__(self, message: Message, session: _Session | None) -> None:
-        self.message = message
-        self.session = session
-        self.seq = 0
-        self.state: _State = "pending"
-        self.delivery_count = 0
-        self.enqueued_at = 0.0
-        self.due = 0.0
-        self.visible_at = 0.0
-        self.expires_at: float | None = None
-        self.lock_token: str | None = None
-        self.locked_until: float | None = None
-        self.dead_letter_reason: str | None = None
-        self.dead_letter_description: str | None = None
-        self.dead_letter_source: str | None = None
+    message: Message
+    session: _Session | None
+    seq: int = 0
+    state: _State = "pending"
+    delivery_count: int = 0
+    enqueued_at: float = 0.0
+    due: float = 0.0
+    visible_at: float = 0.0
+    expires_at: float | None = None
+    lock_token: str | None = None
+    locked_until: float | None = None
+    dead_letter_reason: str | None = None
+    dead_letter_description: str | None = None
+    dead_letter_source: str | None = None
 
 
-class _Wait:
+class _Wait(msgspec.Struct, eq=False):
     """One parked task: woken by a notification, by its deadline (through the alarm), or
-    cancelled."""
+    cancelled. ``receiver`` is set for a session receive waiting for messages: a sender hands
+    them over directly (up to ``max_messages``). (A struct, built in C: one per wait.)"""
 
-    __slots__ = ("alarm", "max_messages", "owner", "parked", "receiver", "task", "until")
-
-    def __init__(
-        self, owner: _Waiters, until: float, receiver: _SessionReceiver | None, max_messages: int
-    ) -> None:
-        self.owner = owner
-        self.until = until
-        self.task = trio.lowlevel.current_task()
-        self.parked = True
-        self.alarm: _Alarm | None = None
-        # A session receive waiting for messages: a sender hands them over directly.
-        self.receiver = receiver
-        self.max_messages = max_messages
+    owner: _Waiters
+    until: float
+    task: trio.lowlevel.Task
+    receiver: _SessionReceiver | None
+    max_messages: int
+    parked: bool = True
+    alarm: _Alarm | None = None
 
     def leave(self) -> None:
         """No longer parked (woken or aborted): its alarm entry, if any, is stale now."""
@@ -322,7 +301,7 @@ class _Waiters:
     ) -> _Wait:
         """`wait`'s registration: the caller then parks in ``wait_task_rescheduled(w.abort)``
         itself (a session receive does, saving a coroutine per wait)."""
-        wait = _Wait(self, until, receiver, max_messages)
+        wait = _Wait(self, until, trio.lowlevel.current_task(), receiver, max_messages)
         queue = self._queue
         if len(queue) > 2 * self._parked + 4:
             queue[:] = [entry for entry in queue if entry.parked]
