@@ -38,8 +38,7 @@ from .errors import InvalidReceipt, MessageLockLost, QueueError, SessionLockLost
 from .message import ReceivedMessage
 from .providers.base import Receiver
 from .retry import Backoff, CircuitBreaker, call_with_retry
-from .telemetry import MESSAGE_EVENT_LEVEL, Telemetry, metrics_enabled, tracing_enabled
-from .telemetry import logger as _logger
+from .telemetry import Telemetry, observed, tracing_enabled
 
 if TYPE_CHECKING:
     from .supervisor import Counters
@@ -240,12 +239,7 @@ class Runtime:
         """Whether the per-message telemetry hooks have anything to do now. Sessions ask once
         per receive and skip the hooks (and the clock reads for their durations) otherwise.
         Turns True as soon as a meter or tracer provider is set or message logging enabled."""
-        return (
-            self.own_message_hooks
-            or metrics_enabled()
-            or tracing_enabled()
-            or _logger.isEnabledFor(MESSAGE_EVENT_LEVEL)
-        )
+        return self.own_message_hooks or observed()
 
     def bind_clock(self) -> None:
         """Read time straight from the current run's clock (call inside the run)."""

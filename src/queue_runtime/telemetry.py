@@ -361,6 +361,22 @@ def metrics_enabled() -> bool:
     return True
 
 
+def observed() -> bool:
+    """Whether a per-message event would be seen now: ``metrics_enabled() or
+    tracing_enabled()`` or message-level (DEBUG) logging on for ``queue_runtime``, in one call
+    while no provider is set (sessions ask at every receive)."""
+    if _metrics_on or _tracing_on:
+        return True
+    if not (
+        _PEEK_METER
+        and _PEEK_GLOBAL
+        and _metrics_api._METER_PROVIDER is None
+        and trace._TRACER_PROVIDER is None
+    ) and (metrics_enabled() or tracing_enabled()):
+        return True
+    return logger.isEnabledFor(MESSAGE_EVENT_LEVEL)
+
+
 def tracing_enabled() -> bool:
     """False while no tracer provider is installed: span helpers then do nothing at all.
 

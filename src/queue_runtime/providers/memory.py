@@ -317,16 +317,6 @@ class _Waiters:
                 alarm.add(wait)
         return wait
 
-    def first(self) -> _Wait | None:
-        """The waiter a notification would wake, left in place."""
-        queue = self._queue
-        while queue:
-            wait = queue[0]
-            if wait.parked:
-                return wait
-            queue.pop(0)
-        return None
-
     def discard(self, wait: _Wait) -> None:
         """``wait`` left without a notification (its entry is skipped later)."""
         self._parked -= 1
@@ -810,7 +800,10 @@ class InMemoryProvider(Provider):
 
     def _session_changed(self, queue: _Queue, session: _Session, now: float) -> None:
         """Re-evaluate a session after its pending messages or holder changed."""
-        head = self._head(session)
+        pending = session.pending  # `_head`, inlined (once per session and send)
+        while pending and pending[0][1].state != "pending":
+            heapq.heappop(pending)
+        head = pending[0][1] if pending else None
         holder = session.holder
         if holder is not None:
             if head is not None and head.visible_at <= now:
@@ -818,13 +811,16 @@ class InMemoryProvider(Provider):
                 # value to a waiting receiver, rather than waking it to look (which cost as
                 # much again per message). Same order and locking as `receive` itself.
                 waiters = session.waiters
-                waiter = waiters.first()
+                parked = waiters._queue  # the first waiter still parked, if any
+                while parked and not parked[0].parked:
+                    parked.pop(0)
+                waiter = parked[0] if parked else None
                 if waiter is not None and waiter.receiver is holder and not holder._closed:
                     delivered = holder._take(session, waiter.max_messages, now)
                     if delivered:
                         # Take it off the list and wake it with the messages (`waiter.wake`,
                         # inlined).
-                        waiters._queue.pop(0)
+                        parked.pop(0)
                         waiters._parked -= 1
                         waiter.parked = False
                         if waiter.alarm is not None:
