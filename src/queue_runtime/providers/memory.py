@@ -281,26 +281,17 @@ class _Waiters:
         self._queue: list[_Wait] = []
         self._parked = 0
 
-    async def wait(
-        self,
-        until: float,
-        alarm: _Alarm,
-        receiver: _SessionReceiver | None = None,
-        max_messages: int = 0,
-    ) -> list[ReceivedMessage] | None:
-        """Return when notified or at ``until`` (trio clock). Cancellable.
-
-        A session receive passes its ``receiver``: a sender may then deliver up to
-        ``max_messages`` to it directly (see `InMemoryProvider._session_changed`), which are
-        returned (already locked); otherwise None."""
-        wait = self.park(until, alarm, receiver, max_messages)
-        return await trio.lowlevel.wait_task_rescheduled(wait.abort)  # type: ignore[no-any-return]
+    async def wait(self, until: float, alarm: _Alarm) -> None:
+        """Return when notified or at ``until`` (trio clock). Cancellable."""
+        await trio.lowlevel.wait_task_rescheduled(self.park(until, alarm, None, 0).abort)
 
     def park(
         self, until: float, alarm: _Alarm, receiver: _SessionReceiver | None, max_messages: int
     ) -> _Wait:
-        """`wait`'s registration: the caller then parks in ``wait_task_rescheduled(w.abort)``
-        itself (a session receive does, saving a coroutine per wait)."""
+        """`wait`'s registration; the caller then parks in ``wait_task_rescheduled(w.abort)``.
+        A session receive parks itself (saving a coroutine per wait) and passes ``receiver``:
+        a sender may then hand it up to ``max_messages`` messages, already locked (see
+        `InMemoryProvider._session_changed`), which ``wait_task_rescheduled`` returns."""
         wait = _Wait(self, until, trio.lowlevel.current_task(), receiver, max_messages)
         queue = self._queue
         if len(queue) > 2 * self._parked + 4:
