@@ -133,3 +133,14 @@ def test_cli_bench_runs_the_same_entry_point(monkeypatch: Any, tmp_path: Path) -
     monkeypatch.setattr(benchmarks._common, "RESULTS_DIR", tmp_path)
     assert cli_main(["bench", "--tiny", "--only", "latency", "--no-docs"]) == 0
     assert _json(tmp_path, "latency")["messages"] == latency.PLANS["tiny"]
+
+
+def test_task_step_counts_show_the_hand_written_router_yielding_per_message() -> None:
+    from benchmarks import counts
+
+    # The hand-written router yields at every send: about two task steps per message.
+    assert counts.task_steps("bl", 20, 400) >= 1.9
+    # The runtime's sessions are woken at most once per message (plus the producer's steps).
+    assert 0 < counts.task_steps("rt", 20, 400) < 1.5
+    assert counts.main(["run", "rt", "5", "50"]) == 0
+    assert counts.main(["nonsense"]) == 2
