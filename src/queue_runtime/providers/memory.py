@@ -141,8 +141,9 @@ class _Wait(msgspec.Struct, eq=False):
         self.leave()
         trio.lowlevel.reschedule(self.task, outcome.Value(value))
 
-    def abort(self, _: object) -> trio.lowlevel.Abort:
-        """Cancelled while parked (a bound method: cheaper than a closure per wait)."""
+    def __call__(self, _: object) -> trio.lowlevel.Abort:
+        """Cancelled while parked: the wait is its own abort function (a bound method or a
+        closure would be one more object per wait for the garbage collector to look at)."""
         self.leave()
         self.owner.discard(self)
         return trio.lowlevel.Abort.SUCCEEDED
@@ -283,12 +284,12 @@ class _Waiters:
 
     async def wait(self, until: float, alarm: _Alarm) -> None:
         """Return when notified or at ``until`` (trio clock). Cancellable."""
-        await trio.lowlevel.wait_task_rescheduled(self.park(until, alarm, None, 0).abort)
+        await trio.lowlevel.wait_task_rescheduled(self.park(until, alarm, None, 0))
 
     def park(
         self, until: float, alarm: _Alarm, receiver: _SessionReceiver | None, max_messages: int
     ) -> _Wait:
-        """`wait`'s registration; the caller then parks in ``wait_task_rescheduled(w.abort)``.
+        """`wait`'s registration; the caller then parks in ``wait_task_rescheduled(w)``.
         A session receive parks itself (saving a coroutine per wait) and passes ``receiver``:
         a sender may then hand it up to ``max_messages`` messages, already locked (see
         `InMemoryProvider._session_changed`), which ``wait_task_rescheduled`` returns."""
@@ -1193,12 +1194,17 @@ class _SessionReceiver(Receiver):
                 or (queue.timers and queue.timers[0][0] <= now)
             ):
                 session = self._check(now)  # due events to apply, or the lock is gone (raises)
-            out = self._take(session, max_messages, now) if session.pending else []
-            if out or now >= deadline:
+            if session.pending:
+                out = self._take(session, max_messages, now)
+                if out:
+                    if not waited:
+                        # Shielded: what was taken is returned even if cancelled meanwhile.
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                    return out
+            if now >= deadline:
                 if not waited:
-                    # Shielded: what was taken above is returned even if cancelled meanwhile.
                     await trio.lowlevel.cancel_shielded_checkpoint()
-                return out
+                return []
             timers = queue.timers
             # Wake at the next timed event of the queue too (a lock may expire meanwhile); look
             # for the next live one only when the earliest entry comes before the deadline.
@@ -1209,7 +1215,7 @@ class _SessionReceiver(Receiver):
             )
             # `session.waiters.wait`, without its coroutine: this runs once per message.
             parked = session.waiters.park(until, provider._alarm, self, max_messages)
-            delivered: list[ReceivedMessage] | None = await trio.lowlevel.wait_task_rescheduled(parked.abort)
+            delivered: list[ReceivedMessage] | None = await trio.lowlevel.wait_task_rescheduled(parked)
             if delivered:
                 # Handed over by a sender, already locked. Its lock may have been lost since
                 # (the messages were then handed back): raise as a fresh look would.
