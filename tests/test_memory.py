@@ -559,6 +559,39 @@ async def test_a_hand_over_waits_behind_a_delayed_earlier_message(autojump_clock
     assert got == [(["1"], pytest.approx(5)), (["2"], pytest.approx(5))]
 
 
+@pytest.mark.parametrize("kind", ["time_to_live", "scheduled_in_the_past"])
+async def test_a_hand_over_stops_at_a_message_of_the_batch_that_was_queued(
+    autojump_clock: Any, kind: str
+) -> None:
+    # A send locks plain messages for the waiting receive as it goes; one it has to queue
+    # (time to live, schedule) stops that, so nothing after it overtakes it.
+    provider = InMemoryProvider()
+    await provider.send("q", [msg("s", 0)])
+    receiver = await accept(provider)
+    await receiver.complete((await receiver.receive(1))[0])
+    extra: dict[str, Any] = (
+        {"time_to_live": 600.0}
+        if kind == "time_to_live"
+        else {"scheduled_enqueue_time": datetime.now(UTC) - timedelta(seconds=5)}
+    )
+    received: list[list[str]] = []
+
+    async def receive_twice() -> None:
+        for _ in range(2):
+            batch = await receiver.receive(10, timeout=60)
+            received.append(bodies(batch))
+            for m in batch:
+                await receiver.complete(m)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(receive_twice)
+        await trio.testing.wait_all_tasks_blocked()
+        await provider.send("q", [msg("s", 1), msg("s", 2, **extra), msg("s", 3)])
+    assert [body for batch in received for body in batch] == ["1", "2", "3"]
+    assert received[0] == ["1"]  # handed over; 2 and 3 were queued in order
+    check_invariants(provider)
+
+
 async def test_a_hand_over_to_a_holder_that_lost_its_session_raises(autojump_clock: Any) -> None:
     # Handed a message, then released before it ran: the receive raises as a fresh look would,
     # and the message goes back (its delivery counted).

@@ -313,6 +313,20 @@ class _Waiters:
         """``wait`` left without a notification (its entry is skipped later)."""
         self._parked -= 1
 
+    def hand(self, wait: _Wait, delivered: list[ReceivedMessage]) -> None:
+        """Wake ``wait``, the first parked waiter, with ``delivered`` (messages already locked
+        for its receive), which its ``wait_task_rescheduled`` returns."""
+        queue = self._queue
+        if queue[0] is wait:
+            queue.pop(0)
+        else:
+            queue.remove(wait)
+        self._parked -= 1
+        wait.parked = False
+        if wait.alarm is not None:
+            wait.alarm.live -= 1
+        trio.lowlevel.reschedule(wait.task, outcome.Value(delivered))
+
     def notify(self, count: int = 1) -> None:
         queue = self._queue
         while count > 0 and queue:
@@ -324,6 +338,39 @@ class _Waiters:
 
     def notify_all(self) -> None:
         self.notify(self._parked)
+
+
+class _HandOver(msgspec.Struct):
+    """A send locking messages for the receive a session's holder waits in (see `send`)."""
+
+    wait: _Wait
+    receiver: _SessionReceiver
+    room: int  # how many more its receive takes
+    messages: list[ReceivedMessage]
+
+
+_UNSEEN: Any = object()  # `send`: a session not met yet in this batch
+
+
+def _hand_over(session: _Session) -> _HandOver | None:
+    """A hand-over to the receive the session's holder waits in, if a message sent now may be
+    locked for it at once: the holder waits in `receive`, and nothing is pending before the
+    message (not even a delayed one). None otherwise: the message is queued as usual."""
+    holder = session.holder
+    if holder is None or holder._closed:
+        return None
+    pending = session.pending  # `_head`, inlined
+    while pending and pending[0][1].state != "pending":
+        heapq.heappop(pending)
+    if pending:
+        return None
+    parked = session.waiters._queue  # the first waiter still parked, if any
+    while parked and not parked[0].parked:
+        parked.pop(0)
+    if not parked or parked[0].receiver is not holder:
+        return None
+    wait = parked[0]
+    return _HandOver(wait, holder, wait.max_messages, [])
 
 
 class _Session:
@@ -810,14 +857,7 @@ class InMemoryProvider(Provider):
                 if waiter is not None and waiter.receiver is holder and not holder._closed:
                     delivered = holder._take(session, waiter.max_messages, now)
                     if delivered:
-                        # Take it off the list and wake it with the messages (`waiter.wake`,
-                        # inlined).
-                        parked.pop(0)
-                        waiters._parked -= 1
-                        waiter.parked = False
-                        if waiter.alarm is not None:
-                            waiter.alarm.live -= 1
-                        trio.lowlevel.reschedule(waiter.task, outcome.Value(delivered))
+                        waiters.hand(waiter, delivered)
                         return
                 waiters.notify()
             return
@@ -943,8 +983,11 @@ class InMemoryProvider(Provider):
                 f"queue {queue!r} holds {q.held} messages (dead-letter queue included); the bound is"
                 f" {self.max_queue_messages}: receive or purge before sending more"
             )
-        touched: dict[_Session, None] = {}  # sessions that got messages, in order of first
+        # Sessions that got messages, in order of first: each maps to the hand-over to its
+        # holder's waiting receive being filled by this batch, or None (see `_hand_over`).
+        touched: dict[_Session, _HandOver | None] = {}
         sessions = q.sessions
+        wall: datetime | None = None
         for message in messages:
             stored = _shallow_copy(message)  # the producer may reuse or change its object
             stored.properties = dict(message.properties)  # (`_copy`, inlined)
@@ -953,16 +996,28 @@ class InMemoryProvider(Provider):
                 session = sessions.get(message.session_id)
                 if session is None:
                     session = sessions[message.session_id] = _Session(message.session_id)
-            rec = _Rec(stored, session)
-            plain = message.scheduled_enqueue_time is None and message.time_to_live is None
-            if session is not None and plain:
+            if (
+                session is not None
+                and message.scheduled_enqueue_time is None
+                and message.time_to_live is None
+            ):
                 # `_make_available` for the common case, inlined (once per message sent).
-                rec.seq = seq = next(self._seq)
-                rec.enqueued_at = rec.visible_at = now
-                q.live[seq] = rec
-                heapq.heappush(session.pending, (seq, rec))
-                touched[session] = None
+                rec = _Rec(stored, session, next(self._seq), "pending", 0, now, 0.0, now)
+                q.live[rec.seq] = rec
+                hand_over = touched.get(session, _UNSEEN)
+                if hand_over is _UNSEEN:
+                    hand_over = touched[session] = _hand_over(session)
+                if hand_over is not None and hand_over.room > 0:
+                    # Its holder waits and nothing comes before this message: lock it for that
+                    # receive now rather than queue it and take it off the queue again.
+                    if wall is None:
+                        wall = self._to_wall(now)
+                    hand_over.messages.append(hand_over.receiver._lock(session, rec, wall))
+                    hand_over.room -= 1
+                else:
+                    heapq.heappush(session.pending, (rec.seq, rec))
                 continue
+            rec = _Rec(stored, session)
             due = (
                 self._to_trio(message.scheduled_enqueue_time)
                 if message.scheduled_enqueue_time is not None
@@ -979,11 +1034,18 @@ class InMemoryProvider(Provider):
                 self._make_available(q, rec, now, enqueued_at=now)
             else:
                 self._make_available(q, rec, now, enqueued_at=now, notify=False)
-                touched[session] = None
+                hand_over = touched.get(session)
+                if hand_over is not None:
+                    hand_over.room = 0  # queued now: nothing after it may be handed over first
+                else:
+                    touched[session] = None
         # Once per session, after the whole batch: a waiting holder is handed all of its new
         # messages at once (up to what its receive asked for), as a fresh receive would take.
-        for session in touched:
-            self._session_changed(q, session, now)
+        for session, hand_over in touched.items():
+            if hand_over is not None and hand_over.messages:
+                session.waiters.hand(hand_over.wait, hand_over.messages)
+            else:
+                self._session_changed(q, session, now)
 
     async def accept_session(self, queue: str, *, timeout: float) -> Receiver | None:
         """The session whose first available message is oldest among sessions nobody holds,
@@ -1145,30 +1207,32 @@ class _SessionReceiver(Receiver):
             if head.expires_at is not None and head.expires_at <= now:
                 provider._expire(queue, head)
                 continue
-            # `_deliver` and `_received`, inlined: this loop runs once per message.
-            token = f"lock-{next(provider._tokens)}"
-            session.in_flight[token] = head
-            head.state = "locked"
-            head.delivery_count += 1
-            head.lock_token = token
-            head.locked_until = session.lock_until
-            queue.n_locked += 1
-            message = _shallow_copy(head.message)  # the consumer's own copy
-            message.properties = dict(message.properties)
-            out.append(
-                ReceivedMessage(
-                    message=message,
-                    receipt=token,
-                    delivery_count=head.delivery_count,
-                    enqueued_at=wall if head.enqueued_at == wall_at else provider._to_wall(head.enqueued_at),
-                    sequence_number=head.seq,
-                    locked_until=head.locked_until,
-                    dead_letter_reason=head.dead_letter_reason,
-                    dead_letter_description=head.dead_letter_description,
-                    dead_letter_source=head.dead_letter_source,
-                )
-            )
+            enqueued_at = wall if head.enqueued_at == wall_at else provider._to_wall(head.enqueued_at)
+            out.append(self._lock(session, head, enqueued_at))
         return out
+
+    def _lock(self, session: _Session, rec: _Rec, enqueued_at: datetime) -> ReceivedMessage:
+        """Lock ``rec`` (the session's next message, taken off its pending heap) for this
+        holder and return the consumer's delivery (`_deliver` and `_received` in one: this
+        runs once per message)."""
+        token = f"lock-{next(self._provider._tokens)}"
+        session.in_flight[token] = rec
+        rec.state = "locked"
+        rec.delivery_count += 1
+        rec.lock_token = token
+        rec.locked_until = until = session.lock_until
+        self._queue.n_locked += 1
+        message = _shallow_copy(rec.message)  # the consumer's own copy
+        message.properties = dict(message.properties)
+        # (No dead-letter fields: a session's messages are never dead-letter copies.)
+        return ReceivedMessage(
+            message=message,
+            receipt=token,
+            delivery_count=rec.delivery_count,
+            enqueued_at=enqueued_at,
+            sequence_number=rec.seq,
+            locked_until=until,
+        )
 
     async def receive(self, max_messages: int = 1, timeout: float = 0.0) -> list[ReceivedMessage]:
         """Up to ``max_messages`` of this session's messages, in sequence order, waiting at most
