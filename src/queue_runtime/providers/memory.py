@@ -292,7 +292,8 @@ class _Waiters:
         """`wait`'s registration; the caller then parks in ``wait_task_rescheduled(w)``.
         A session receive parks itself (saving a coroutine per wait) and passes ``receiver``:
         a sender may then hand it up to ``max_messages`` messages, already locked (see
-        `InMemoryProvider._session_changed`), which ``wait_task_rescheduled`` returns."""
+        `InMemoryProvider.send` and `_session_changed`), which ``wait_task_rescheduled``
+        returns."""
         wait = _Wait(self, until, trio.lowlevel.current_task(), receiver, max_messages)
         queue = self._queue
         if len(queue) > 2 * self._parked + 4:
@@ -322,10 +323,7 @@ class _Waiters:
         else:
             queue.remove(wait)
         self._parked -= 1
-        wait.parked = False
-        if wait.alarm is not None:
-            wait.alarm.live -= 1
-        trio.lowlevel.reschedule(wait.task, outcome.Value(delivered))
+        wait.wake(delivered)
 
     def notify(self, count: int = 1) -> None:
         queue = self._queue
