@@ -440,6 +440,32 @@ async def test_stop_cancels_handle_after_grace_without_settling(autojump_clock: 
         assert again.message_id == mid
 
 
+@pytest.mark.parametrize("path", ["quiet", "observed"])
+async def test_settling_after_handle_returns_is_not_cut_short_by_the_grace_deadline(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    # stop() at t=1 gives handle() until t=4; it returns at t=2, and its complete is throttled
+    # for 3 s. That retry outlives the grace deadline, but the work is done: it must complete.
+    # ("observed": message logging on, so the message takes the session's full path.)
+    import logging
+
+    caplog.set_level(logging.DEBUG if path == "observed" else logging.INFO, logger="queue_runtime")
+    log = Log()
+    async with InMemoryProvider(lock_duration=60) as provider:
+        await send(provider, "a", Event(n=0, sleep=2))
+        provider.inject_fault("complete", Throttled("slow down", retry_after=3))
+        supervisor = Supervisor(provider, make_actor(log), config(shutdown_grace=3))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.serve)
+            await trio.sleep(1)
+            supervisor.stop()
+            stopped_at = trio.current_time()
+        assert trio.current_time() - stopped_at == pytest.approx(4, abs=0.1)
+        assert done_order(log, "a") == [0]
+        assert (supervisor.stats().completed, supervisor.stats().abandoned) == (1, 0)
+        assert (await provider.queue_stats(QUEUE)).active == 0
+
+
 async def test_stop_during_retry_backoff_hands_message_back_at_once(autojump_clock: Any) -> None:
     log = Log()
     policy = RetryPolicy(max_attempts=5, initial_backoff=100.0, jitter=0.0)
