@@ -144,3 +144,15 @@ def test_task_step_counts_show_the_hand_written_router_yielding_per_message() ->
     assert 0 < counts.task_steps("rt", 20, 400) < 1.5
     assert counts.main(["run", "rt", "5", "50"]) == 0
     assert counts.main(["nonsense"]) == 2
+
+
+def test_opcode_counts_see_the_runtime_s_own_code_per_message() -> None:
+    from benchmarks import counts
+
+    runtime = counts.opcodes("rt", 20, 200)
+    # Each message goes through _process and complete once (~100 and ~90 opcodes per message).
+    assert 50 < runtime["session.py:Session._process"] < 400
+    assert 50 < runtime["memory.py:_SessionReceiver.complete"] < 400
+    baseline = counts.opcodes("bl", 20, 200)
+    assert "session.py:Session._process" not in baseline
+    assert sum(baseline.values()) > 100
