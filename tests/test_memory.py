@@ -179,6 +179,106 @@ async def test_faults_queue_up_in_order(autojump_clock: Any) -> None:
     assert (await provider.queue_stats("q")).active == 1
 
 
+# -- stalls -----------------------------------------------------------------------------------------
+def _calls(provider: InMemoryProvider, receiver: Receiver, first: ReceivedMessage) -> dict[str, Any]:
+    return {
+        "send": lambda: provider.send("q", [msg("s", 3)]),
+        "receive": lambda: receiver.receive(1),
+        "accept_session": lambda: provider.accept_session("q", timeout=0),
+        "complete": lambda: receiver.complete(first),
+        "abandon": lambda: receiver.abandon(first),
+        "dead_letter": lambda: receiver.dead_letter(first, "Bad"),
+        "renew_lock": lambda: receiver.renew_lock(),
+    }
+
+
+async def _counts(provider: InMemoryProvider) -> tuple[int | None, ...]:
+    stats = await provider.queue_stats("q")
+    return stats.active, stats.in_flight, stats.scheduled, stats.dead_letter
+
+
+@pytest.mark.parametrize("operation", FAULT_OPERATIONS)
+async def test_a_hanging_call_waits_out_the_stall_then_runs(autojump_clock: Any, operation: str) -> None:
+    provider = InMemoryProvider(lock_duration=60)
+    receiver, first = await _prepared(provider)
+    before = await _counts(provider)
+    provider.stall(5, operations=[operation])
+    assert provider.stalled_until(operation) == trio.current_time() + 5
+    started = trio.current_time()
+    call = _calls(provider, receiver, first)[operation]
+    with trio.move_on_after(4.9):
+        await call()
+    assert await _counts(provider) == before  # cancelled while hanging: nothing changed
+    await call()
+    assert trio.current_time() == started + 5  # it ran when the stall ended, not before
+    assert provider.stalled_until(operation) is None
+
+
+@pytest.mark.parametrize("operation", ["complete", "renew_lock", "send"])
+async def test_a_late_call_takes_effect_at_once_and_answers_when_the_stall_ends(
+    autojump_clock: Any, operation: str
+) -> None:
+    provider = InMemoryProvider(lock_duration=60)
+    receiver, first = await _prepared(provider)
+    before = await _counts(provider)
+    provider.stall(5, operations=[operation], mode="late")
+    with trio.move_on_after(1) as scope:
+        await _calls(provider, receiver, first)[operation]()
+    assert scope.cancelled_caught  # no answer within the stall...
+    assert await _counts(provider) != before or operation == "renew_lock"  # ...but done
+    if operation == "renew_lock":
+        assert receiver.locked_until == 60  # renewed at t=0, before the answer was lost
+
+
+async def test_a_stall_longer_than_the_lock_loses_the_session_and_redelivers(autojump_clock: Any) -> None:
+    provider = InMemoryProvider(lock_duration=10)
+    receiver, first = await _prepared(provider)
+    provider.stall(15)  # every operation
+    other: list[Receiver | None] = []
+
+    async def accept_later() -> None:
+        other.append(await provider.accept_session("q", timeout=30))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(accept_later)
+        with pytest.raises(SessionLockLost):
+            await receiver.complete(first)  # hung until t=15, when the lock had gone at t=10
+        assert trio.current_time() == 15
+    assert other[0] is not None
+    [again] = await other[0].receive(1)
+    assert (bodies([again]), again.delivery_count) == (["1"], 2)
+
+
+async def test_a_waiting_receive_hands_nothing_out_during_a_stall(autojump_clock: Any) -> None:
+    provider = InMemoryProvider(lock_duration=60)
+    await provider.send("q", [msg("s", 1)])
+    receiver = await accept(provider)
+    [first] = await receiver.receive(1)
+    await receiver.complete(first)
+    got: list[tuple[float, list[str]]] = []
+
+    async def wait_for_more() -> None:
+        got.append((0, bodies(await receiver.receive(1, timeout=30))))
+        got[-1] = (trio.current_time(), got[-1][1])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait_for_more)
+        await trio.testing.wait_all_tasks_blocked()
+        provider.stall(5, operations=["receive"])
+        await provider.send("q", [msg("s", 2)])  # sends still work
+    assert got == [(5, ["2"])]
+
+
+async def test_stall_validates_arguments(autojump_clock: Any) -> None:
+    provider = InMemoryProvider()
+    with pytest.raises(ValidationError, match="unknown stall operation"):
+        provider.stall(1, operations=["explode"])
+    with pytest.raises(ValidationError):
+        provider.stall(-1)
+    with pytest.raises(ValidationError):
+        provider.stall(1, mode="slow")  # type: ignore[arg-type]
+
+
 # -- bounds and validation --------------------------------------------------------------------------
 async def test_queue_full_bound_counts_dead_letters_and_frees_on_settle(autojump_clock: Any) -> None:
     provider = InMemoryProvider(max_queue_messages=4)

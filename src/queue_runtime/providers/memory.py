@@ -4,7 +4,8 @@
 test double users run their actors against. It behaves like Service Bus (and, through the
 runtime, like SQS FIFO groups): peek-lock with lock expiry, delivery counts, a broker-side
 dead-letter queue after ``max_delivery_count`` deliveries, time-to-live, scheduled messages,
-session locks and session state, and fault injection.
+session locks and session state, and fault injection: calls that fail (`inject_fault`) and
+a broker that stops answering while time passes (`stall`).
 
 Model, in short:
 
@@ -49,7 +50,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
 
@@ -70,7 +71,7 @@ from ..errors import (
 from ..message import Message, ReceivedMessage, message_size, validate_session_id
 from .base import Capabilities, Provider, QueueInfo, QueueStats, Receiver
 
-__all__ = ["FAULT_OPERATIONS", "InMemoryProvider"]
+__all__ = ["FAULT_OPERATIONS", "InMemoryProvider", "StallMode"]
 
 FAULT_OPERATIONS: Final = (
     "send",
@@ -81,7 +82,11 @@ FAULT_OPERATIONS: Final = (
     "dead_letter",
     "renew_lock",
 )
-"""Operations `InMemoryProvider.inject_fault` can make fail."""
+"""Operations `InMemoryProvider.inject_fault` can make fail and `InMemoryProvider.stall` can stall."""
+
+StallMode = Literal["hang", "late"]
+"""How a stalled call behaves: ``"hang"`` waits for the stall to end, then runs; ``"late"`` runs
+at once and answers when the stall ends (the broker did the work, the answer was held up)."""
 
 _State = Literal["scheduled", "pending", "delayed", "locked", "gone"]
 
@@ -485,6 +490,10 @@ class InMemoryProvider(Provider):
         )
         self._queues: dict[str, _Queue] = {}
         self._faults: dict[str, list[tuple[BaseException, int]]] = {}
+        self._stalls: dict[str, tuple[float, StallMode]] = {}  # operation -> (until, mode)
+        #: True once the provider was closed, a fault injected or a stall begun: the calls
+        #: then take the slow path through `_gate` (one attribute test per call otherwise).
+        self._gated = False
         self._seq = itertools.count(1)
         self._tokens = itertools.count(1)
         self._tiebreak = itertools.count()
@@ -619,23 +628,104 @@ class InMemoryProvider(Provider):
         if not isinstance(times, int) or times < 1:
             raise ValidationError(f"times must be an integer >= 1, got {times!r}")
         self._faults.setdefault(operation, []).append((error, times))
+        self._gated = True
 
-    async def _enter(self, operation: str) -> None:
-        """Checkpoint first (cancellation changes nothing), then raise an injected fault."""
+    def stall(
+        self, duration: float, *, operations: Iterable[str] | None = None, mode: StallMode = "hang"
+    ) -> None:
+        """Freeze the broker for ``duration`` seconds of trio time, from now, for ``operations``
+        (default: every operation of `FAULT_OPERATIONS`), as a broker that stops answering
+        does: time passes (locks expire, scheduled messages come due) while calls hang.
+
+        ``mode="hang"``: a call made during the stall waits until it ends, then runs against
+        the broker as it is then. ``mode="late"``: the call takes effect at once and its answer
+        comes when the stall ends (a slow response). A receive or accept already waiting hands
+        out nothing until the stall ends. Cancelling a hanging call changes nothing; cancelling
+        a late call may leave its effect (a completed message stays completed, a received one
+        stays locked until its lock expires). Must be called inside a trio run. A stall of an
+        operation that is already stalled lasts until the later of the two ends.
+        """
+        if not (isinstance(duration, (int, float)) and math.isfinite(duration) and duration >= 0):
+            raise ValidationError(f"stall duration must be a number >= 0, got {duration!r}")
+        if mode not in ("hang", "late"):
+            raise ValidationError(f"stall mode must be 'hang' or 'late', got {mode!r}")
+        names = FAULT_OPERATIONS if operations is None else tuple(operations)
+        for name in names:
+            if name not in FAULT_OPERATIONS:
+                raise ValidationError(
+                    f"unknown stall operation {name!r}; use some of {', '.join(FAULT_OPERATIONS)}"
+                )
+        until = self._now() + duration
+        for name in names:
+            current = self._stalls.get(name)
+            self._stalls[name] = (max(until, current[0]) if current else until, mode)
+        self._gated = True
+
+    def stalled_until(self, operation: str) -> float | None:
+        """When the stall of ``operation`` ends (trio clock), or None when it is not stalled."""
+        current = self._stalls.get(operation)
+        if current is None or current[0] <= self._now():
+            return None
+        return current[0]
+
+    async def _enter(self, operation: str) -> float:
+        """Checkpoint first (cancellation changes nothing), then wait out a stall and raise an
+        injected fault. Returns when a late answer is due (0.0: answer at once)."""
         await trio.lowlevel.checkpoint()
-        self._admit(operation)
+        if self._gated:
+            return await self._gate(operation)
+        return 0.0
 
-    async def _enter_nowait(self, operation: str) -> None:
+    async def _enter_nowait(self, operation: str) -> float:
         """A cancellation point without a scheduling point, for calls that never wait.
 
         Raises ``trio.Cancelled`` when the caller is cancelled (before anything changed), then
         a closed provider's error or an injected fault. It does not yield to the scheduler: a
         trip through trio's run loop costs about as much as a settlement itself, and the
         consumer's ``receive`` yields anyway (as ``trio.MemoryReceiveChannel.receive`` does).
+        Returns as `_enter`.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        if self._closed or self._faults:
-            self._admit(operation)
+        if self._gated:
+            return await self._gate(operation)
+        return 0.0
+
+    async def _gate(self, operation: str) -> float:
+        """The slow path of a call once faults, stalls or a close happened: wait out a "hang"
+        stall, then raise a closed provider's error or an injected fault. Returns when a "late"
+        stall's answer is due, else 0.0."""
+        stall = self._stalls.get(operation)
+        late = 0.0
+        if stall is not None:
+            until, mode = stall
+            if until <= self._now():
+                del self._stalls[operation]
+            elif mode == "hang":
+                await trio.sleep_until(until)
+            else:
+                late = until
+        self._admit(operation)
+        return late
+
+    async def _hold(self, operation: str) -> float:
+        """For a call that waited and woke up: wait while ``operation`` is stalled in "hang"
+        mode (a frozen broker hands nothing out). Returns a "late" stall's end, else 0.0."""
+        stall = self._stalls.get(operation)
+        if stall is None:
+            return 0.0
+        until, mode = stall
+        if until <= self._now():
+            return 0.0
+        if mode == "hang":
+            await trio.sleep_until(until)
+            return 0.0
+        return until
+
+    @staticmethod
+    async def _answer_late(until: float) -> None:
+        """Hold a "late" call's answer until its stall ends (shielded from nothing: a cancelled
+        caller loses the answer, not the effect)."""
+        await trio.sleep_until(until)
 
     def _admit(self, operation: str) -> None:
         if self._closed:
@@ -946,7 +1036,7 @@ class InMemoryProvider(Provider):
         queue, more than ``max_batch_count`` messages or ``max_batch_bytes`` bytes),
         `MessageTooLarge`, or `QueueFull` (nothing is stored then).
         """
-        await self._enter("send")
+        late = await self._enter("send")
         self.validate_queue_name(queue)
         q = self._queue(queue)
         caps = self.capabilities
@@ -1044,6 +1134,8 @@ class InMemoryProvider(Provider):
                 session.waiters.hand(hand_over.wait, hand_over.messages)
             else:
                 self._session_changed(q, session, now)
+        if late:
+            await self._answer_late(late)
 
     async def accept_session(self, queue: str, *, timeout: float) -> Receiver | None:
         """The session whose first available message is oldest among sessions nobody holds,
@@ -1051,7 +1143,7 @@ class InMemoryProvider(Provider):
 
         Cancellable: a cancelled call accepts nothing.
         """
-        await self._enter("accept_session")
+        late = await self._enter("accept_session")
         self.validate_queue_name(queue)
         q = self._queue(queue)
         if not q.requires_session:
@@ -1069,12 +1161,18 @@ class InMemoryProvider(Provider):
                 self._timer(q, session.lock_until, "slock", (session, session.epoch, session.lock_until))
                 if q.ready:
                     q.waiters.notify()  # maybe more ready: pass the turn on
+                if late:
+                    await self._answer_late(late)
                 return receiver
             if now >= deadline:
                 if q.ready:
                     q.waiters.notify()  # a wake-up may have raced our timeout: pass it on
+                if late:
+                    await self._answer_late(late)
                 return None
             await q.waiters.wait(min(deadline, self._next_event(q)), self._alarm)
+            if self._gated:
+                late = max(late, await self._hold("accept_session"))
 
     async def open_receiver(self, queue: str, *, dead_letter: bool = False) -> Receiver:
         """A receiver for a non-session queue, or for ``queue``'s dead-letter queue."""
@@ -1138,6 +1236,7 @@ class InMemoryProvider(Provider):
         """Close: every later call raises `QueueError`. Idempotent. Stored messages are kept."""
         await trio.lowlevel.checkpoint()
         self._closed = True
+        self._gated = True
         for q in self._queues.values():
             q.waiters.notify_all()
         self._alarm.close()
@@ -1239,8 +1338,7 @@ class _SessionReceiver(Receiver):
         # One trip through the scheduler per call, as trio's channels make: either the wait
         # for a message, or a shielded checkpoint before returning without having waited.
         await trio.lowlevel.checkpoint_if_cancelled()  # `_enter_nowait`, inlined (per message)
-        if provider._closed or provider._faults:
-            provider._admit("receive")
+        late = await provider._gate("receive") if provider._gated else 0.0
         if max_messages < 1:
             raise ValidationError(f"max_messages must be >= 1, got {max_messages!r}")
         now = provider._now()
@@ -1262,10 +1360,14 @@ class _SessionReceiver(Receiver):
                     if not waited:
                         # Shielded: what was taken is returned even if cancelled meanwhile.
                         await trio.lowlevel.cancel_shielded_checkpoint()
+                    if late:
+                        await provider._answer_late(late)
                     return out
             if now >= deadline:
                 if not waited:
                     await trio.lowlevel.cancel_shielded_checkpoint()
+                if late:
+                    await provider._answer_late(late)
                 return []
             timers = queue.timers
             # Wake at the next timed event of the queue too (a lock may expire meanwhile); look
@@ -1278,11 +1380,15 @@ class _SessionReceiver(Receiver):
             # `session.waiters.wait`, without its coroutine: this runs once per message.
             parked = session.waiters.park(until, provider._alarm, self, max_messages)
             delivered: list[ReceivedMessage] | None = await trio.lowlevel.wait_task_rescheduled(parked)
+            if provider._gated:
+                late = max(late, await provider._hold("receive"))  # frozen: nothing handed out yet
             if delivered:
                 # Handed over by a sender, already locked. Its lock may have been lost since
                 # (the messages were then handed back): raise as a fresh look would.
                 if self._lost or session.holder is not self:
                     self._check()
+                if late:
+                    await provider._answer_late(late)
                 return delivered
             waited = True
             now = provider._now()
@@ -1290,8 +1396,7 @@ class _SessionReceiver(Receiver):
     async def complete(self, message: ReceivedMessage) -> None:
         provider = self._provider
         await trio.lowlevel.checkpoint_if_cancelled()  # `_enter_nowait`, inlined (per message)
-        if provider._closed or provider._faults:
-            provider._admit("complete")
+        late = await provider._gate("complete") if provider._gated else 0.0
         session = self._session
         timers = self._queue.timers
         if (
@@ -1315,10 +1420,12 @@ class _SessionReceiver(Receiver):
         # No `_session_changed`: the session stays held by this receiver, and removing a
         # message in flight makes nothing deliverable that was not already (a waiting
         # receive was woken when its message arrived).
+        if late:
+            await provider._answer_late(late)
 
     async def abandon(self, message: ReceivedMessage, *, delay: float | None = None) -> None:
         """Hand the message back; it is this session's next message again (after ``delay``)."""
-        await self._provider._enter_nowait("abandon")
+        late = await self._provider._enter_nowait("abandon")
         session = self._check()
         rec = self._in_flight(session, message)
         if delay is not None and not (math.isfinite(delay) and delay >= 0):
@@ -1326,28 +1433,32 @@ class _SessionReceiver(Receiver):
         provider = self._provider
         provider._unlock(self._queue, rec)
         provider._return(self._queue, rec, provider._now(), delay=delay)
+        if late:
+            await provider._answer_late(late)
 
     async def dead_letter(
         self, message: ReceivedMessage, reason: str, description: str | None = None
     ) -> None:
-        await self._provider._enter_nowait("dead_letter")
+        late = await self._provider._enter_nowait("dead_letter")
         session = self._check()
         rec = self._in_flight(session, message)
         self._provider._to_dead_letter(self._queue, rec, reason, description)
         self._provider._session_changed(self._queue, session, self._provider._now())
+        if late:
+            await self._provider._answer_late(late)
 
     async def renew_lock(self) -> float:
         """Extend the session lock by the queue's ``lock_duration``; returns the new deadline."""
         provider = self._provider
-        await provider._enter("renew_lock")
+        late = await provider._enter("renew_lock")
         session = self._check()
-        session.lock_until = provider._now() + self._queue.lock_duration
+        session.lock_until = until = provider._now() + self._queue.lock_duration
         for rec in session.in_flight.values():
-            rec.locked_until = session.lock_until
-        provider._timer(
-            self._queue, session.lock_until, "slock", (session, session.epoch, session.lock_until)
-        )
-        return session.lock_until
+            rec.locked_until = until
+        provider._timer(self._queue, until, "slock", (session, session.epoch, until))
+        if late:
+            await provider._answer_late(late)
+        return until
 
     async def get_state(self) -> bytes | None:
         await trio.lowlevel.checkpoint()
@@ -1409,7 +1520,7 @@ class _QueueReceiver(Receiver):
         """Up to ``max_messages`` available messages, oldest first, each locked for the queue's
         ``lock_duration``. Cancellable: a cancelled call takes nothing."""
         provider = self._provider
-        await provider._enter("receive")
+        late = await provider._enter("receive")
         if max_messages < 1:
             raise ValidationError(f"max_messages must be >= 1, got {max_messages!r}")
         q = self._queue
@@ -1433,18 +1544,26 @@ class _QueueReceiver(Receiver):
             if out:
                 if q.pending:
                     q.waiters.notify()  # more left: let another waiting receiver have it
+                if late:
+                    await provider._answer_late(late)
                 return out
             if now >= deadline:
+                if late:
+                    await provider._answer_late(late)
                 return []
             await q.waiters.wait(min(deadline, provider._next_event(q)), provider._alarm)
+            if provider._gated:
+                late = max(late, await provider._hold("receive"))
 
     async def complete(self, message: ReceivedMessage) -> None:
-        await self._provider._enter_nowait("complete")
+        late = await self._provider._enter_nowait("complete")
         self._check()
         self._provider._remove(self._queue, self._locked(message))
+        if late:
+            await self._provider._answer_late(late)
 
     async def abandon(self, message: ReceivedMessage, *, delay: float | None = None) -> None:
-        await self._provider._enter_nowait("abandon")
+        late = await self._provider._enter_nowait("abandon")
         self._check()
         rec = self._locked(message)
         if delay is not None and not (math.isfinite(delay) and delay >= 0):
@@ -1452,15 +1571,19 @@ class _QueueReceiver(Receiver):
         provider = self._provider
         provider._unlock(self._queue, rec)
         provider._return(self._queue, rec, provider._now(), delay=delay)
+        if late:
+            await provider._answer_late(late)
 
     async def dead_letter(
         self, message: ReceivedMessage, reason: str, description: str | None = None
     ) -> None:
-        await self._provider._enter_nowait("dead_letter")
+        late = await self._provider._enter_nowait("dead_letter")
         if self._queue.parent is not None:
             raise NotSupported("a dead-lettered message cannot be dead-lettered again")
         self._check()
         self._provider._to_dead_letter(self._queue, self._locked(message), reason, description)
+        if late:
+            await self._provider._answer_late(late)
 
     async def renew_lock(self) -> float:
         await self._provider._enter("renew_lock")
@@ -1470,15 +1593,17 @@ class _QueueReceiver(Receiver):
         """Extend one message's lock by the queue's ``lock_duration``; `MessageLockLost` if it
         expired (or the message was settled)."""
         provider = self._provider
-        await provider._enter("renew_lock")
+        late = await provider._enter("renew_lock")
         self._check()
         rec = self._queue.locked.get(message.receipt) if message.receipt else None
         if rec is None:
             raise MessageLockLost(f"message {message.message_id!r}: its lock expired or it was settled")
         assert rec.lock_token is not None
-        rec.locked_until = provider._now() + self._queue.lock_duration
-        provider._timer(self._queue, rec.locked_until, "mlock", (rec, rec.lock_token, rec.locked_until))
-        return rec.locked_until
+        rec.locked_until = until = provider._now() + self._queue.lock_duration
+        provider._timer(self._queue, until, "mlock", (rec, rec.lock_token, until))
+        if late:
+            await provider._answer_late(late)
+        return until
 
     async def aclose(self) -> None:
         """Close the receiver. Messages it holds stay locked until their lock expires (as the
