@@ -1,5 +1,6 @@
 """``queue-runtime worker``: the error catalogue (in-process, through ``main``) and a real worker
-process that drains on SIGTERM and exits 0, with text and JSON logs."""
+process that drains on SIGTERM and exits 0, with text and JSON logs, or exits 128 + the signal
+when a second signal stops it at once."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import json
 import os
 import signal
 import sys
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 from queue_runtime.cli import main
-from worker_process import WorkerProcess
+from worker_process import BLOCKING_ACTOR, WorkerProcess
 
 
 @pytest.fixture
@@ -176,6 +178,50 @@ def test_worker_process_json_logs_and_sigint() -> None:
         assert len(drained) == 1
         assert drained[0]["queue_name"] == "orders" and drained[0]["operation"] == "shutdown"
         assert drained[0]["level"] == "INFO"
+    finally:
+        worker.kill()
+
+
+# (signals sent, expected exit code): after one signal the drain ends (the grace cancels the
+# blocked handle()) with 0; a second signal stops at once with 128 + the second signal's number.
+SIGNALS = [
+    ((signal.SIGTERM,), 0),
+    ((signal.SIGTERM, signal.SIGTERM), 143),
+    ((signal.SIGINT, signal.SIGINT), 130),
+    ((signal.SIGTERM, signal.SIGINT), 130),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signals", "code"), SIGNALS, ids=["+".join(s.name for s in sent) for sent, _ in SIGNALS]
+)
+def test_worker_process_exit_code_after_signals_while_handle_blocks(
+    tmp_path: Path, signals: tuple[signal.Signals, ...], code: int
+) -> None:
+    (tmp_path / "blocking_actor.py").write_text(BLOCKING_ACTOR)
+    grace = "1" if len(signals) == 1 else "60"  # two signals: the drain must not end by itself
+    worker = WorkerProcess(
+        ["blocking_actor:Blocking", "-q", "blocking", "--shutdown-grace", grace], cwd=tmp_path
+    )
+    try:
+        worker.wait_for("handling ")
+        worker.process.send_signal(signals[0])
+        worker.wait_for(f"received {signals[0].name}: draining")
+        started = time.monotonic()
+        for signum in signals[1:]:
+            assert worker.process.poll() is None  # handle() blocks: still draining
+            worker.process.send_signal(signum)
+        assert worker.wait(timeout=20) == code, worker.log
+        assert time.monotonic() - started < 10  # not the 60 s grace
+        log = worker.log
+        assert "Traceback" not in log and "queue-runtime: error" not in log, log
+        exiting = worker.wait_for("exiting:")
+        if code:
+            assert f"stopped at once on a second {signals[-1].name}: exit code {code}" in exiting, log
+            assert " WARNING " in exiting and "drained:" not in log, log
+        else:
+            assert "drained:" in log and "stopped at once" not in log, log
     finally:
         worker.kill()
 

@@ -1,4 +1,5 @@
-"""run(): the script entrypoint drains on SIGTERM and exits 0; bad config is one line, exit 2."""
+"""run(): the script entrypoint drains on SIGTERM and exits 0, exits 128 + the signal when a
+second signal stops it at once; bad config is one line, exit 2."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from worker_process import BLOCKING_ACTOR
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,6 +54,56 @@ def test_run_drains_on_signal_and_exits_zero(signum: int) -> None:
         lines = _wait_for(proc, "draining")
         assert proc.wait(timeout=30) == 0
         assert not any("Traceback" in line for line in lines)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# (signals sent, expected exit code): after one signal the drain ends (the grace cancels the
+# blocked handle()) with 0; a second signal stops at once with 128 + the second signal's number.
+SIGNALS = [
+    ((signal.SIGTERM,), 0),
+    ((signal.SIGTERM, signal.SIGTERM), 143),
+    ((signal.SIGINT, signal.SIGINT), 130),
+    ((signal.SIGINT, signal.SIGTERM), 143),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signals", "code"), SIGNALS, ids=["+".join(s.name for s in sent) for sent, _ in SIGNALS]
+)
+def test_run_exit_code_after_signals_while_handle_blocks(
+    tmp_path: Path, signals: tuple[signal.Signals, ...], code: int
+) -> None:
+    (tmp_path / "blocking_actor.py").write_text(BLOCKING_ACTOR)
+    grace = "1" if len(signals) == 1 else "60"  # two signals: the drain must not end by itself
+    proc = subprocess.Popen(
+        [sys.executable, "blocking_actor.py"],
+        cwd=tmp_path,
+        env=_env(QUEUE_SHUTDOWN_GRACE_SECONDS=grace),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        lines = _wait_for(proc, "handling ")
+        proc.send_signal(signals[0])
+        lines += _wait_for(proc, f"received {signals[0].name}: draining")
+        started = time.monotonic()
+        for signum in signals[1:]:
+            assert proc.poll() is None  # handle() blocks: still draining
+            proc.send_signal(signum)
+        assert proc.wait(timeout=20) == code
+        assert time.monotonic() - started < 10  # not the 60 s grace
+        assert proc.stderr is not None
+        log = "".join(lines) + proc.stderr.read()
+        assert "Traceback" not in log
+        if code:
+            assert f"stopped at once on a second {signals[-1].name}: exit code {code}" in log, log
+            assert "drained:" not in log
+        else:
+            assert "drained:" in log and "stopped at once" not in log, log
     finally:
         proc.kill()
         proc.wait()

@@ -111,3 +111,40 @@ class WorkerProcess:
             self.process.wait(timeout=10)
         for reader in self._readers:
             reader.join(timeout=5)
+
+
+#: A module for signal tests on the in-memory broker (write it into a directory and run it with
+#: ``python blocking_actor.py``, or ``queue-runtime worker blocking_actor:Blocking`` from there).
+#: The broker lives inside the worker process, so the provider's first ``accept_session`` sends
+#: it one message; ``handle()`` prints ``handling`` on stderr and then blocks until cancelled,
+#: so a drain cannot finish before the shutdown grace runs out.
+BLOCKING_ACTOR = """
+import sys
+
+import trio
+
+from queue_runtime import Message, SessionActor, run
+from queue_runtime.providers.memory import InMemoryProvider
+
+_accept_session = InMemoryProvider.accept_session
+
+
+async def _seeded_accept_session(self, queue, *, timeout):
+    if not getattr(self, "_seeded", False):
+        self._seeded = True
+        await self.send(queue, [Message(b"{}", session_id="s1")])
+    return await _accept_session(self, queue, timeout=timeout)
+
+
+InMemoryProvider.accept_session = _seeded_accept_session
+
+
+class Blocking(SessionActor[bytes]):
+    async def handle(self, body, ctx):
+        print("handling", ctx.message_id, file=sys.stderr, flush=True)
+        await trio.sleep_forever()
+
+
+if __name__ == "__main__":
+    run(Blocking, queue="blocking")
+"""

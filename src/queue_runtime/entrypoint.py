@@ -2,8 +2,10 @@
 
 ``run(OrderActor, queue="orders")`` loads configuration (defaults < config file < environment
 < keyword arguments), builds the provider, and serves until SIGINT or SIGTERM. The first
-signal starts a graceful drain (see `Supervisor.stop`); a second one stops at once, settling
-nothing. After a clean drain ``run()`` returns and the process exits 0.
+signal starts a graceful drain (see `Supervisor.stop`); after a clean drain ``run()`` returns
+and the process exits 0. A second signal stops at once, settling nothing, and the process exits
+128 + that signal's number, as other workers do: 130 for SIGINT, 143 for SIGTERM
+(`serve_worker` raises `StoppedAtOnce`, which carries the code).
 
 Errors a user can fix (configuration, a missing queue, rejected credentials) are printed as
 one line on stderr, never a traceback: exit code 2 for configuration, 1 for the rest.
@@ -11,6 +13,7 @@ one line on stderr, never a traceback: exit code 2 for configuration, 1 for the 
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 from collections.abc import Callable
@@ -28,7 +31,31 @@ if TYPE_CHECKING:
     from .config import Settings
     from .providers.base import Provider
 
-__all__ = ["run", "serve_worker"]
+__all__ = ["StoppedAtOnce", "run", "serve_worker"]
+
+
+class StoppedAtOnce(Exception):
+    """`serve_worker` stopped at once on a second SIGINT/SIGTERM, before the drain finished.
+
+    Running ``handle()`` calls were cancelled and nothing more was settled (their messages come
+    back when their locks expire); an owned provider was closed as on a normal return. Raised
+    only when ``serve_worker`` installed its signal handlers; cancelling ``serve_worker`` from
+    outside still raises `trio.Cancelled`.
+
+    ``signum`` is the second signal, ``exit_code`` the conventional ``128 + signum`` (130 for
+    SIGINT, 143 for SIGTERM) that `run` and ``queue-runtime worker`` exit with, ``stats`` the
+    supervisor's counts when it stopped. ``str()`` is one line for a log.
+    """
+
+    def __init__(self, signum: int, stats: SupervisorStats) -> None:
+        self.signum = signal.Signals(signum)
+        self.stats = stats
+        super().__init__(f"stopped at once on a second {self.signum.name}: exit code {self.exit_code}")
+
+    @property
+    def exit_code(self) -> int:
+        """``128 + signum``: the exit status of a process stopped by that signal."""
+        return 128 + int(self.signum)
 
 
 def run(
@@ -41,6 +68,9 @@ def run(
 
     ``overrides`` are configuration keys (``queue="orders"``, ``max_concurrent_sessions=8``,
     ``provider="aws"``...) and win over the environment and the config file.
+
+    A second SIGINT/SIGTERM stops at once: one WARNING line is logged and ``SystemExit`` is
+    raised with 128 + that signal's number (130 for SIGINT, 143 for SIGTERM).
     """
     from .config import load_settings
 
@@ -52,6 +82,11 @@ def run(
     _configure_logging(settings)
     try:
         trio.run(serve_worker, actor, settings)
+    except StoppedAtOnce as stop:
+        logging.getLogger("queue_runtime.worker").warning(
+            str(stop), extra={"queue_name": settings.queue, "operation": "shutdown"}
+        )
+        raise SystemExit(stop.exit_code) from None
     except QueueError as error:
         _fail(error, 2 if isinstance(error, ConfigurationError) else 1)
 
@@ -86,9 +121,11 @@ async def serve_worker(
 ) -> SupervisorStats:
     """Run one supervisor for ``actor`` with ``settings`` until drained; return its stats.
 
-    With ``install_signal_handlers``, SIGINT/SIGTERM trigger the graceful drain and a second
-    signal cancels at once. ``provider`` defaults to the one the settings name; it is closed
-    on return either way (the one passed in is the caller's to close).
+    With ``install_signal_handlers``, SIGINT/SIGTERM trigger the graceful drain; a second
+    signal before the drain finished cancels at once and raises `StoppedAtOnce` (with the
+    signal, its exit code and the stats) instead of returning. ``provider`` defaults to the one
+    the settings name; it is closed on return either way (the one passed in is the caller's to
+    close).
 
     When ``settings.telemetry.metrics_port`` is set (``--metrics-port`` /
     ``QUEUE_METRICS_PORT``), Prometheus is set up (`telemetry.setup_prometheus`, needs the
@@ -114,8 +151,15 @@ async def serve_worker(
     try:
         supervisor = Supervisor(provider, actor, config)
         async with trio.open_nursery() as nursery:
+            stopped_by: signal.Signals | None = None
+
+            async def watch_signals() -> None:
+                nonlocal stopped_by
+                stopped_by = await _watch_signals(supervisor)
+                nursery.cancel_scope.cancel()  # second signal: stop at once
+
             if install_signal_handlers:
-                nursery.start_soon(_watch_signals, supervisor, nursery.cancel_scope)
+                nursery.start_soon(watch_signals)
             if metrics_port is not None:
                 # Up before the queue check, so liveness answers (and readiness says 503)
                 # while start-up retries a slow broker.
@@ -158,6 +202,8 @@ async def serve_worker(
                 " messages left to the broker",
                 operation="shutdown",
             )
+            if stopped_by is not None:
+                raise StoppedAtOnce(stopped_by, supervisor.stats())
         return supervisor.stats()
     except BaseExceptionGroup as group:
         # The nursery wraps even a lone start-up error (QueueNotFound, a port in use) in a
@@ -172,22 +218,23 @@ async def serve_worker(
                 await provider.aclose()
 
 
-async def _watch_signals(supervisor: Supervisor, scope: trio.CancelScope) -> None:
+async def _watch_signals(supervisor: Supervisor) -> signal.Signals:
+    """Drain on the first SIGINT/SIGTERM; return the second one (the caller stops at once)."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        count = 0
+        draining = False
         async for signum in signals:
-            count += 1
-            if count == 1:
+            received = signal.Signals(signum)
+            if draining:
                 supervisor.telemetry.log(
-                    20,
-                    f"received {signal.Signals(signum).name}: draining (send again to stop at once)",
-                    operation="shutdown",
+                    30, f"second signal: stopping at once ({received.name})", operation="shutdown"
                 )
-                supervisor.stop()
-            else:
-                supervisor.telemetry.log(30, "second signal: stopping at once", operation="shutdown")
-                scope.cancel()
-                return
+                return received
+            draining = True
+            supervisor.telemetry.log(
+                20, f"received {received.name}: draining (send again to stop at once)", operation="shutdown"
+            )
+            supervisor.stop()
+    raise AssertionError("unreachable: a signal receiver never ends")  # pragma: no cover
 
 
 async def _start_endpoints(nursery: trio.Nursery, supervisor: Supervisor, host: str, port: int) -> int:

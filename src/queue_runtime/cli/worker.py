@@ -4,11 +4,11 @@ Configuration is layered as everywhere (defaults < config file < environment < f
 that is not given overrides nothing. The current directory is put first on ``sys.path`` (as
 uvicorn does), so ``examples.orders:OrderActor`` imports from a project root.
 
-Exit codes: 0 after a clean drain (SIGTERM/SIGINT; a second signal stops at once, settling
-nothing); 2 for usage errors (a bad ``MODULE:Class``, a module that does not import, a class
-that is not a `SessionActor`, an unknown provider, bad values); 1 for permanent provider
-errors at start-up (queue missing, credentials refused). Every error is one line on stderr,
-a traceback only with ``--debug``.
+Exit codes: 0 after a clean drain (SIGTERM/SIGINT); 128 + the signal's number when a second
+signal stops at once, settling nothing (130 for SIGINT, 143 for SIGTERM); 2 for usage errors (a
+bad ``MODULE:Class``, a module that does not import, a class that is not a `SessionActor`, an
+unknown provider, bad values); 1 for permanent provider errors at start-up (queue missing,
+credentials refused). Every error is one line on stderr, a traceback only with ``--debug``.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def register(subparsers: Any) -> None:
         help="serve a SessionActor class on a queue",
         description=(
             "Accept sessions from a queue and run one actor per active session until SIGTERM or "
-            "SIGINT (graceful drain; a second signal stops at once). Flags override the "
-            "environment, which overrides the config file."
+            "SIGINT (graceful drain, exit 0; a second signal stops at once, exit 130 for SIGINT or "
+            "143 for SIGTERM). Flags override the environment, which overrides the config file."
         ),
         epilog="Example: queue-runtime worker examples.orders:OrderActor --queue orders --metrics-port 9464",
     )
@@ -186,10 +186,11 @@ def _one_line(error: BaseException) -> str:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    """The ``worker`` command: returns 0 after a clean drain."""
+    """The ``worker`` command: returns 0 after a clean drain, 128 + the signal's number (130 or
+    143) when a second signal stopped it at once."""
     import trio
 
-    from ..entrypoint import serve_worker
+    from ..entrypoint import StoppedAtOnce, serve_worker
     from ..providers import create_provider
     from ..telemetry import configure_logging
 
@@ -222,17 +223,22 @@ def run_worker(args: argparse.Namespace) -> int:
             with trio.CancelScope(shield=True):
                 await provider.aclose()
 
+    stopped: StoppedAtOnce | None = None
     try:
         stats = trio.run(main)
+    except StoppedAtOnce as stop:
+        stopped, stats = stop, stop.stats
     except ConfigurationError:
         raise  # exit 2, one line (main reports it)
     except QueueError as error:
         raise CommandError(f"{type(error).__name__}: {error}", 1) from error
-    log.info(
-        "exiting: %d completed, %d dead-lettered, %d handed back",
+    log.log(
+        logging.INFO if stopped is None else logging.WARNING,
+        "exiting: %d completed, %d dead-lettered, %d handed back%s",
         stats.completed,
         stats.dead_lettered,
         stats.abandoned,
+        "" if stopped is None else f"; {stopped}",
         extra={"queue_name": settings.queue, "operation": "shutdown"},
     )
-    return 0
+    return 0 if stopped is None else stopped.exit_code
