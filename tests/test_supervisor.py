@@ -49,7 +49,12 @@ class Log:
         self.max_handles: dict[str, int] = defaultdict(int)
         self.live_actors = 0
         self.max_live_actors = 0
+        # Actors of one session alive at once (on_start to the end of on_stop), across every
+        # supervisor sharing this log: never more than one (DESIGN 12).
+        self.live_by_session: dict[str, int] = defaultdict(int)
+        self.max_live_by_session: dict[str, int] = defaultdict(int)
         self.cancelled: list[int] = []
+        self.stop_delay = 0.0  # on_stop sleeps this long (a slow clean-up)
 
 
 def make_actor(log: Log) -> type[SessionActor[Event]]:
@@ -57,6 +62,10 @@ def make_actor(log: Log) -> type[SessionActor[Event]]:
         async def on_start(self) -> None:
             log.live_actors += 1
             log.max_live_actors = max(log.max_live_actors, log.live_actors)
+            log.live_by_session[self.session_id] += 1
+            log.max_live_by_session[self.session_id] = max(
+                log.max_live_by_session[self.session_id], log.live_by_session[self.session_id]
+            )
             log.actors[self.session_id].add(id(self))
             log.instances.append(self)
 
@@ -80,8 +89,13 @@ def make_actor(log: Log) -> type[SessionActor[Event]]:
             log.events.append(("done", sid, event.n))
 
         async def on_stop(self, reason: str) -> None:
-            log.live_actors -= 1
-            log.stops.append((self.session_id, reason))
+            try:
+                if log.stop_delay:
+                    await trio.sleep(log.stop_delay)
+            finally:
+                log.live_actors -= 1
+                log.live_by_session[self.session_id] -= 1
+                log.stops.append((self.session_id, reason))
 
     return Recorder
 
@@ -371,6 +385,76 @@ async def test_renewal_stops_after_max_lock_renewal_and_lock_is_lost(autojump_cl
             assert log.cancelled == [1]
             assert log.stops == [("a", "lock_lost")]
             supervisor.stop()
+
+
+# -- 12. one holder, live locks only -----------------------------------------------------------
+
+
+async def test_a_renewal_that_hangs_past_the_deadline_ends_the_session_before_another_worker_starts(
+    autojump_clock: Any,
+) -> None:
+    """Issue 14: the broker stops answering renewals; the lock runs out while handle() runs and
+    the broker gives the session to another worker. The first worker's handle() must have been
+    cancelled before that (two actors of one session never handle at once)."""
+    log = Log()
+    async with InMemoryProvider(lock_duration=10) as provider:
+        await send(provider, "a", Event(n=0, sleep=15), Event(n=1))
+        first = Supervisor(provider, make_actor(log), config(session_idle_timeout=100))
+        second = Supervisor(provider, make_actor(log), config(session_idle_timeout=100))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(first.serve)
+            await trio.sleep(1)
+            provider.stall(30, operations=["renew_lock"])
+            await nursery.start(second.serve)
+            await trio.sleep(120)
+            first.stop()
+            second.stop()
+    assert log.max_handles["a"] == 1, log.events
+    assert done_order(log, "a") == [0, 1]
+    assert first.stats().lock_lost >= 1
+    cancelled_at = [e for e in log.events if e[0] == "start"]
+    assert cancelled_at[0][4] == 1 and log.cancelled[0] == 0
+
+
+async def test_one_worker_never_runs_two_actors_of_a_session_after_its_lock_lapsed(
+    autojump_clock: Any,
+) -> None:
+    """The same inside one worker: when the broker hands the session out again (the old lock
+    ran out while renewal hung), the old actor has stopped before the new one starts."""
+    log = Log()
+    async with InMemoryProvider(lock_duration=10) as provider:
+        await send(provider, "a", Event(n=0, sleep=15), Event(n=1))
+        supervisor = Supervisor(provider, make_actor(log), config(session_idle_timeout=100))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.serve)
+            await trio.sleep(1)
+            provider.stall(30, operations=["renew_lock"])
+            await trio.sleep(120)
+            supervisor.stop()
+    assert log.max_handles["a"] == 1, log.events
+    assert log.max_live_by_session["a"] == 1, log.stops
+    assert done_order(log, "a") == [0, 1]
+
+
+async def test_a_new_actor_waits_until_the_old_one_of_its_session_has_closed(autojump_clock: Any) -> None:
+    """The old actor lost its lock and is still ending (a slow on_stop) when the broker hands
+    the session out again: the new actor starts only after the old one has stopped."""
+    log = Log()
+    log.stop_delay = 8.0
+    async with InMemoryProvider(lock_duration=10) as provider:
+        await send(provider, "a", Event(n=0, sleep=100), Event(n=1))
+        supervisor = Supervisor(
+            provider, make_actor(log), config(session_idle_timeout=100, max_concurrent_sessions=4)
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.serve)
+            await trio.sleep(1)
+            provider.inject_fault("renew_lock", SessionLockLost("refused"))  # at t=5: lock lost
+            await trio.sleep(60)
+            supervisor.stop()
+    assert log.stops[0] == ("a", "lock_lost")
+    assert log.max_live_by_session["a"] == 1, log.stops
+    assert done_order(log, "a") == [0, 1] or log.events
 
 
 # -- 6. idle and release ------------------------------------------------------------------------

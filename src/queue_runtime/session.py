@@ -12,8 +12,17 @@ session, or a whole non-session queue) and one actor instance, and guarantees:
 * **In-place retry.** A failing ``handle()`` is called again by the same actor instance after
   the policy's backoff, while the lock keeps being renewed; after ``max_attempts`` calls the
   message is dead-lettered with ``MaxAttemptsExceeded``.
-* **Lock loss.** When renewal is refused or the lock expires, the running ``handle()`` is
-  cancelled, nothing is settled and the actor stops with ``"lock_lost"``.
+* **Lock loss.** When renewal is refused, or does not succeed before the lock's deadline less
+  a safety margin (`lock_margin`), the running ``handle()`` is cancelled, nothing is settled
+  and the actor stops with ``"lock_lost"``.
+* **Live locks only.** No ``handle()`` (first call or retry) starts on a message whose lock
+  deadline is less than the margin away by the runtime's clock: that is lock loss too. The
+  deadline the providers report is never later than the broker's, and the margin covers the
+  time a cancellation takes to reach a handler, so a handler of a lost lock has stopped before
+  the broker can give the message to anyone else.
+* **One holder.** Within one supervisor at most one actor per session is alive: when the
+  broker hands a session out again while an older actor of it is still ending, the new one
+  waits until the old one has stopped and released its receiver.
 
 Locks are renewed by one `LockRenewer` task per supervisor rather than a task per session:
 a parked trio task costs about 4.5 KiB, and 100k idle sessions should not pay that twice.
@@ -55,6 +64,26 @@ RENEW_AT_FRACTION = 0.5
 
 #: Calls of one settlement (complete, abandon, dead-letter) before a transient error is final.
 SETTLE_ATTEMPTS = 6
+
+#: The safety margin before a lock's deadline, at most this many seconds: see `lock_margin`.
+LOCK_MARGIN_MAX = 2.0
+#: ... and at most this fraction of the lock duration, so short locks keep most of their time.
+LOCK_MARGIN_FRACTION = 0.2
+
+
+def lock_margin(lock_duration: float | None) -> float:
+    """How long before a lock's deadline the runtime treats the lock as lost.
+
+    A lock whose deadline is nearer than this is not used to start a ``handle()``, and a lock
+    not renewed by then is lost: the running ``handle()`` is cancelled. The margin covers what
+    happens between the runtime's decision and the broker's: the event loop's lag on a busy
+    worker and the time a cancellation takes to reach the handler's next checkpoint. It is
+    ``min(2 s, lock_duration / 5)``: 2 s for the usual 30-60 s locks, less for short ones (a
+    6 s SQS visibility timeout keeps 4.8 s of use). With no known duration, 2 s.
+    """
+    if lock_duration is None or not math.isfinite(lock_duration) or lock_duration <= 0:
+        return LOCK_MARGIN_MAX
+    return min(LOCK_MARGIN_MAX, lock_duration * LOCK_MARGIN_FRACTION)
 
 _LOCK_ERRORS = (SessionLockLost, MessageLockLost, InvalidReceipt)
 
@@ -105,40 +134,59 @@ class LockHolder(Protocol):
     def lock_lost(self, error: BaseException) -> None: ...
 
 
-class LockRenewer:
-    """Renews every lock of one supervisor from a single task.
+_RENEW = 0  # a renewal is due
+_EXPIRE = 1  # the lock's deadline less the margin: lost unless renewed since
 
-    A holder is renewed when half its remaining lock time has passed; a transient failure is
-    retried with backoff while the lock is still valid. A holder whose current ``handle()`` has
-    run for ``max_lock_renewal`` seconds is no longer renewed, and when its lock then expires it
-    is told the lock is lost. Renewal calls run concurrently, at most ``concurrency`` at once.
+
+class LockRenewer:
+    """Renews every lock of one supervisor from a single task, and ends locks that run out.
+
+    A holder is renewed when half its remaining lock time has passed (at the latest ``margin``
+    seconds before its deadline); a transient failure is retried with backoff while the lock is
+    still valid. Each time a holder is tracked, an expiry entry is also set at its deadline
+    less ``margin``: if no renewal succeeded by then — refused, failing, or hanging on a broker
+    that stopped answering — the holder is told its lock is lost, at that moment, whatever the
+    renewal call is doing. A holder whose current ``handle()`` has run for
+    ``max_lock_renewal`` seconds is no longer renewed, so its lock then runs out the same way.
+    Renewal calls run concurrently, at most ``concurrency`` at once, each cancelled at the
+    holder's deadline less the margin.
     """
 
-    def __init__(self, *, max_lock_renewal: float, counters: Counters, concurrency: int = 32) -> None:
+    def __init__(
+        self,
+        *,
+        max_lock_renewal: float,
+        counters: Counters,
+        concurrency: int = 32,
+        margin: float = LOCK_MARGIN_MAX,
+    ) -> None:
         self._max_lock_renewal = max_lock_renewal
         self._counters = counters
-        self._heap: list[tuple[float, int, LockHolder, int, float | None]] = []
+        #: Seconds before a lock's deadline at which it counts as lost (see `lock_margin`).
+        self.margin = margin
+        self._heap: list[tuple[float, int, LockHolder, int, int]] = []
         self._sequence = itertools.count()
         self._wake = trio.Event()
         self._next_wake = math.inf
         self._limiter = trio.CapacityLimiter(concurrency)
 
     def track(self, holder: LockHolder) -> None:
-        """(Re)schedule ``holder``'s renewal from its current ``locked_until``."""
+        """(Re)schedule ``holder``'s renewal and expiry from its current ``locked_until``."""
         holder.renew_generation += 1
         locked_until = holder.locked_until
         if locked_until is None:
             return
         now = trio.current_time()
-        due = now + max(locked_until - now, 0.0) * RENEW_AT_FRACTION
-        self._push(due, holder, None)
+        expiry = locked_until - self.margin
+        self._push(min(now + max(locked_until - now, 0.0) * RENEW_AT_FRACTION, expiry), holder, _RENEW)
+        self._push(expiry, holder, _EXPIRE)
 
     def untrack(self, holder: LockHolder) -> None:
         """Stop renewing ``holder`` (its heap entries become stale and are skipped)."""
         holder.renew_generation += 1
 
-    def _push(self, due: float, holder: LockHolder, expiry_of: float | None) -> None:
-        heapq.heappush(self._heap, (due, next(self._sequence), holder, holder.renew_generation, expiry_of))
+    def _push(self, due: float, holder: LockHolder, kind: int) -> None:
+        heapq.heappush(self._heap, (due, next(self._sequence), holder, holder.renew_generation, kind))
         if due < self._next_wake:
             self._wake.set()
 
@@ -150,15 +198,17 @@ class LockRenewer:
                 now = trio.current_time()
                 heap = self._heap
                 while heap and heap[0][0] <= now:
-                    _, _, holder, generation, expiry_of = heapq.heappop(heap)
+                    _, _, holder, generation, kind = heapq.heappop(heap)
                     if holder.renew_generation != generation:
-                        continue
-                    if expiry_of is not None:
-                        # Renewal stopped at max_lock_renewal: lost if still on that message.
-                        if holder.busy_since == expiry_of:
-                            holder.lock_lost(Timeout("the lock expired: handle() ran past max_lock_renewal"))
-                        else:
-                            self.track(holder)
+                        continue  # renewed (or untracked) since: stale
+                    if kind == _EXPIRE:
+                        holder.renew_generation += 1  # its pending renewal is moot now
+                        holder.lock_lost(
+                            Timeout(
+                                f"the lock was not renewed before its deadline (less the {self.margin:g} s"
+                                " safety margin)"
+                            )
+                        )
                         continue
                     nursery.start_soon(self._renew, holder, generation)
                 self._next_wake = heap[0][0] if heap else math.inf
@@ -167,25 +217,32 @@ class LockRenewer:
                     await self._wake.wait()
 
     async def _renew(self, holder: LockHolder, generation: int) -> None:
-        async with self._limiter:
-            if holder.renew_generation != generation:
-                return
-            locked_until = holder.locked_until
-            if locked_until is None:
-                return
-            busy_since = holder.busy_since
-            if busy_since is not None and trio.current_time() - busy_since >= self._max_lock_renewal:
-                self._push(locked_until, holder, busy_since)
-                return
-            try:
-                await call_with_retry(holder.renew, attempts=1000, deadline=locked_until)
-            except QueueError as error:
+        locked_until = holder.locked_until
+        if locked_until is None:
+            return
+        deadline = locked_until - self.margin
+        # Past the deadline the expiry entry has declared the lock lost: give up the call.
+        with trio.move_on_at(deadline):
+            async with self._limiter:
+                if holder.renew_generation != generation:
+                    return
+                busy_since = holder.busy_since
+                now = trio.current_time()
+                if busy_since is not None and now - busy_since >= self._max_lock_renewal:
+                    # handle() ran past max_lock_renewal: no renewal. Look again later, in case it
+                    # returns before the lock runs out; otherwise the expiry entry ends it.
+                    self._push(now + max((deadline - now) / 2, self.margin / 4), holder, _RENEW)
+                    return
+                try:
+                    await call_with_retry(holder.renew, attempts=1000, deadline=deadline)
+                except QueueError as error:
+                    if holder.renew_generation == generation:
+                        holder.renew_generation += 1
+                        holder.lock_lost(error)
+                    return
                 if holder.renew_generation == generation:
-                    holder.lock_lost(error)
-                return
-            if holder.renew_generation == generation:
-                self._counters.lock_renewals += 1
-                self.track(holder)
+                    self._counters.lock_renewals += 1
+                    self.track(holder)
 
 
 def _always() -> bool:
@@ -240,9 +297,17 @@ class Runtime:
         self.stopping = False
         self.grace_deadline = math.inf
         self.sessions: set[Session] = set()
+        #: The live `Session` of each session id (the newest, when an old one is still ending).
+        self.holders: dict[str, Session] = {}
+        #: Seconds before a lock's deadline at which it counts as lost (`set_lock_duration`).
+        self.lock_margin = renewer.margin
         #: ``trio.current_time``, or once serving the run's clock's own ``current_time``: the
         #: same value in one call instead of three (it is read several times per message).
         self.now: Callable[[], float] = trio.current_time
+
+    def set_lock_duration(self, lock_duration: float | None) -> None:
+        """Size the lock safety margin for the queue's lock duration (see `lock_margin`)."""
+        self.lock_margin = self.renewer.margin = lock_margin(lock_duration)
 
     def bind_clock(self) -> None:
         """Read time straight from the current run's clock (call inside the run)."""
@@ -322,6 +387,9 @@ class Session:
         self._lost: BaseException | None = None
         self._message_locks: dict[str, _MessageLock] = {}
         self.stop_reason: StopReason | None = None
+        # Set when `run` has ended, made only when a newer session of the same id waits for it.
+        self._ended: trio.Event | None = None
+        self._finished = False
 
     # -- signals from outside ----------------------------------------------------------------
     @property
@@ -377,6 +445,12 @@ class Session:
             with self._lock_scope:
                 rt.renewer.track(self)
                 try:
+                    if self.session_id is not None:
+                        previous = rt.holders.get(self.session_id)
+                        rt.holders[self.session_id] = self
+                        if previous is not None and not await self._outlive(previous):
+                            reason = "shutdown"  # stopped while waiting: the finally hands it back
+                            return reason
                     actor = rt.actor_class()
                     if self.session_id is not None:
                         actor.session_id = self.session_id
@@ -439,9 +513,38 @@ class Session:
                         telemetry.error(error, operation="release")
                 telemetry.session_ended(self.session_id, seconds=trio.current_time() - started, reason=reason)
             finally:
+                self._finished = True
+                if self.session_id is not None and rt.holders.get(self.session_id) is self:
+                    del rt.holders[self.session_id]
+                if self._ended is not None:
+                    self._ended.set()
                 if self._on_exit is not None:
                     self._on_exit()
         return reason
+
+    async def _outlive(self, previous: Session) -> bool:
+        """Wait until ``previous``, an older session of the same id in this supervisor, has
+        ended and released its receiver. The broker handed the session out again, so the old
+        lock is gone: tell ``previous`` so, at once. False when a stop request came first."""
+        previous.lock_lost(
+            SessionLockLost(
+                f"session {self.session_id!r} was handed out again: this worker's earlier lock on it is gone"
+            )
+        )
+        if previous._finished:
+            return True
+        if previous._ended is None:
+            previous._ended = trio.Event()
+        scope = trio.CancelScope()
+        self._wait_scopes.add(scope)
+        if self.runtime.stopping:
+            scope.cancel()
+        try:
+            with scope:
+                await previous._ended.wait()
+        finally:
+            self._wait_scopes.discard(scope)
+        return not scope.cancelled_caught
 
     def _concurrency(self) -> int:
         config = self.runtime.config
@@ -711,9 +814,13 @@ class Session:
             body = rt.decode(inner.body, inner.content_type)
         except DecodeError:
             return await self._process_fully(actor, message)  # decodes again, dead-letters
+        now = rt.now()
+        until = self.receiver.locked_until
+        if until is not None and until - rt.lock_margin <= now:
+            raise _LockLost(self._too_late(until))
         context = _DeliveredContext(message, 1, self._dead_letter_bound, self._renew_bound)
         self._current = message
-        self.busy_since = rt.now()
+        self.busy_since = now
         self._phase = _WORKING  # what `self._working` marks (see stop()), without its calls
         failure: Exception | None = None
         try:
@@ -789,8 +896,18 @@ class Session:
                             await self._dead_letter(message, failure.reason, failure.description)
                         return True
                 else:
-                    context = _DeliveredContext(message, attempt, self._dead_letter_bound, self._renew_bound)
                     now = rt.now()
+                    if self.session_id is None:
+                        until = message.locked_until
+                        if lock is None or (until is not None and until - rt.lock_margin <= now):
+                            # Only this message's lock is gone or running out: leave it to the broker.
+                            rt.telemetry.error(self._too_late(until or now, message), operation="process")
+                            return True
+                    else:
+                        until = receiver.locked_until
+                        if until is not None and until - rt.lock_margin <= now:
+                            raise _LockLost(self._too_late(until))
+                    context = _DeliveredContext(message, attempt, self._dead_letter_bound, self._renew_bound)
                     self.busy_since = now
                     if lock is not None:
                         lock.busy_since = now
@@ -879,6 +996,17 @@ class Session:
             if lock is not None:
                 rt.renewer.untrack(lock)
                 self._message_locks.pop(message.receipt, None)
+
+    def _too_late(self, until: float, message: ReceivedMessage | None = None) -> QueueError:
+        """The lock-loss error for a ``handle()`` not started because the lock (deadline
+        ``until``) has less than the margin left."""
+        left = until - self.runtime.now()
+        what = f"message {message.message_id!r}" if message is not None else f"session {self.session_id!r}"
+        text = (
+            f"{what}: handle() not started, the lock has {max(left, 0.0):.2f} s left"
+            f" (the safety margin is {self.runtime.lock_margin:g} s)"
+        )
+        return MessageLockLost(text) if message is not None else SessionLockLost(text)
 
     async def _backoff(self, delay: float) -> bool:
         """Sleep before a retry; False when a stop request interrupted the wait."""

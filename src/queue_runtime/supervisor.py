@@ -198,6 +198,7 @@ class Supervisor:
         try:
             info = await self._describe()
             self.queue_info = info
+            self._runtime.set_lock_duration(info.lock_duration)
             if self._runtime.stopping:
                 task_status.started()
                 return

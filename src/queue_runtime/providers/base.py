@@ -21,7 +21,7 @@ Guarantees every implementation keeps (the contract suite in ``tests/contract`` 
 * Settling with a receipt that is no longer valid raises `InvalidReceipt` (or
   `MessageLockLost` / `SessionLockLost` where the broker can tell), and changes nothing.
 * Times (``locked_until``) are on trio's clock, ``trio.current_time()``, so tests can run the
-  broker model on ``MockClock``.
+  broker model on ``MockClock``; a lock deadline is never later than the broker's.
 * Errors are `queue_runtime.errors` types only; SDK exceptions never escape.
 """
 
@@ -101,7 +101,12 @@ class Receiver(ABC):
     @property
     @abstractmethod
     def locked_until(self) -> float | None:
-        """The session lock's deadline on trio's clock; None for non-session receivers."""
+        """The session lock's deadline on trio's clock; None for non-session receivers.
+
+        Never later than the broker's own deadline (a provider that cannot know it exactly
+        reports an earlier bound), and ``-inf`` once the receiver knows the lock is gone: the
+        runtime starts no ``handle()`` on a lock with less than its safety margin left.
+        """
 
     @abstractmethod
     async def receive(self, max_messages: int = 1, timeout: float = 0.0) -> list[ReceivedMessage]:

@@ -1259,7 +1259,10 @@ class _SessionReceiver(Receiver):
 
     @property
     def locked_until(self) -> float | None:
-        return self._session.lock_until
+        session = self._session
+        if self._lost or session.holder is not self:
+            return -math.inf  # released or taken over: no lock left
+        return session.lock_until
 
     def _check(self, now: float | None = None) -> _Session:
         """Apply due events, then raise `SessionLockLost` unless this receiver holds the lock."""
