@@ -85,6 +85,7 @@ def lock_margin(lock_duration: float | None) -> float:
         return LOCK_MARGIN_MAX
     return min(LOCK_MARGIN_MAX, lock_duration * LOCK_MARGIN_FRACTION)
 
+
 _LOCK_ERRORS = (SessionLockLost, MessageLockLost, InvalidReceipt)
 
 # What an ordered session loop is doing, so `Session.stop` knows how to interrupt it.
