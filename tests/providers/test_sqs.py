@@ -266,6 +266,76 @@ async def test_lost_visibility_is_detected_and_never_completed(
     await again.aclose()
 
 
+async def test_a_group_whose_holder_lapsed_is_handed_out_again_only_once_the_holder_closed(
+    provider: SqsProvider, make_queue: MakeQueue
+) -> None:
+    """One live receiver per group in a process (DESIGN 12): SQS delivers a lapsed group
+    again, but the provider keeps it until the old holder has closed."""
+    queue = await make_queue()
+    await provider.send(queue, group_messages("g", 2))
+    old = await accept(provider, queue)
+    await receive_all(old, 2)
+    await trio.sleep(VISIBILITY + 0.2)  # the holder let the visibility lapse
+    assert await provider.accept_session(queue, timeout=2) is None  # SQS gave it back: held
+    assert old.locked_until == -float("inf")
+    with pytest.raises(SessionLockLost):
+        await old.receive(1)
+    await old.aclose()
+    new = await accept(provider, queue, timeout=3)
+    assert new.session_id == "g"
+    again = await receive_all(new, 2)
+    assert [(m.message_id, m.delivery_count) for m in again] == [("g-0", 2), ("g-1", 2)]
+    for message in again:
+        await new.complete(message)
+    await new.aclose()
+
+
+async def test_a_refused_delete_is_a_lost_lock_not_a_warning(
+    provider: SqsProvider, make_queue: MakeQueue
+) -> None:
+    queue = await make_queue()
+    await provider.send(queue, group_messages("r", 3))
+    receiver = await accept(provider, queue)
+    got = await receive_all(receiver, 3)
+    await receiver.complete(got[0])
+    receiver._state.deletes[0].receipt = "not-a-receipt"  # SQS will refuse this delete
+    await provider._flush(receiver._state, force=True)
+    assert provider.delete_failures == 1
+    # The group may be redelivered from r-0: r-1 must not be handled or completed here.
+    assert receiver.locked_until == -float("inf")
+    with pytest.raises(SessionLockLost):
+        await receiver.complete(got[1])
+    await receiver.aclose()
+
+
+async def test_a_late_receive_answer_has_its_visibility_extended_and_timed_from_there(
+    provider: SqsProvider, make_queue: MakeQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deadlines are timed from when a call was sent: a receive whose answer came late (here
+    held back 1.5 s on the way, 3/4 of the visibility timeout) would keep only a sliver of
+    its lock, so the batch is extended at once and timed from that call."""
+    queue = await make_queue()
+    await provider.send(queue, group_messages("s", 2))
+    receive_raw = provider._receive_raw
+
+    async def slow_answer(*args: Any, **kwargs: Any) -> Any:
+        raws = await receive_raw(*args, **kwargs)
+        await trio.sleep(1.5)
+        return raws
+
+    monkeypatch.setattr(provider, "_receive_raw", slow_answer)
+    changes = provider.api_calls["ChangeMessageVisibilityBatch"]
+    before = trio.current_time()
+    receiver = await accept(provider, queue)
+    assert provider.api_calls["ChangeMessageVisibilityBatch"] == changes + 1
+    assert receiver.locked_until is not None
+    assert before + 1.5 + VISIBILITY - 0.3 < receiver.locked_until <= trio.current_time() + VISIBILITY
+    got = await receive_all(receiver, 2)
+    for message in got:
+        await receiver.complete(message)
+    await receiver.aclose()
+
+
 async def test_abandoning_k_releases_the_later_messages_of_the_group(
     provider: SqsProvider, make_queue: MakeQueue
 ) -> None:

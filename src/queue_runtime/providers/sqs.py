@@ -19,14 +19,27 @@ Sessions (FIFO queues, ``.fifo``)
 
 The lock
     A group's lock is the visibility of its in-flight messages. Each message's visibility
-    deadline is tracked on trio's clock from the earliest moment SQS may have picked it (the
-    receive's response time less `RESPONSE_MARGIN`, never before the request), so it is not
-    later than SQS's. SQS accepts a delete with a stale receipt without error, so a message
-    whose local deadline has passed is a lost lock: it is never completed.
+    deadline is tracked on trio's clock from a moment SQS cannot have started it before: the
+    time the receive (or the last visibility change) was *sent*. So the local deadline is never
+    later than SQS's, however slow the network. When a receive's answer took long (a long poll
+    that waited, or a slow link: more than `EXTEND_AFTER` or a quarter of the visibility
+    timeout), that bound would waste much of the lock, so the batch's visibility is extended at
+    once with one ``ChangeMessageVisibilityBatch`` and timed from that call; a message SQS no
+    longer holds for us (it lapsed on the way) is dropped, never handed out. SQS accepts a
+    delete with a stale receipt without error, so a message whose local deadline has passed is
+    a lost lock: it is never completed. A delete SQS refuses, or sends only after the deadline,
+    is a lost lock too: the receiver is marked lost (``locked_until`` reads ``-inf``), and its
+    next call raises `SessionLockLost`.
     ``renew_lock`` first sends the pending deletes (and waits for a delete call of its
     messages another task has in flight), then extends every message the receiver still holds
     (buffered, handed out, completed but not deleted because a delete call failed) with
     ``ChangeMessageVisibilityBatch``, within the 12-hour cap.
+
+One holder per group
+    A provider has at most one live receiver per group. When the holder of a group lets its
+    visibility lapse and SQS delivers the group again, the holder is marked lost, and the group
+    becomes a pending session that no ``accept_session`` takes until the old receiver is
+    closed: the old holder's actor ends before a new one starts on the group.
 
 Completion
     ``complete`` checks the local deadline, then queues the delete. Pending deletes (all the
@@ -144,6 +157,8 @@ class _QueueState:
     attempt_started: float = 0.0
     pending: dict[str, _Pending] = field(default_factory=dict)
     receivers: dict[str, SqsSessionReceiver] = field(default_factory=dict)
+    # Receivers marked lost but not closed yet: their groups are not handed out again until then.
+    ending: dict[str, SqsSessionReceiver] = field(default_factory=dict)
     deletes: list[_Record] = field(default_factory=list)
     settled: trio.Event = field(default_factory=trio.Event)
     # DeleteMessageBatch calls in flight on this queue, and an event set when none are left.
@@ -151,11 +166,10 @@ class _QueueState:
     deletes_landed: trio.Event = field(default_factory=trio.Event)
 
 
-#: How long before a receive's response arrives SQS may have picked its messages (and
-#: started their visibility clock). A long poll can wait up to 20 s before a message comes,
-#: so the request's start would make deadlines far too early; the response's arrival minus
-#: this margin is a safe bound unless the response takes longer than this to reach us.
-RESPONSE_MARGIN: Final = 1.0
+#: A receive answered later than this after it was sent (or after a quarter of the visibility
+#: timeout, if less) has its batch's visibility extended at once: the messages' deadlines are
+#: timed from the request, which after a long poll's wait leaves too little of the lock.
+EXTEND_AFTER: Final = 1.0
 
 #: How long a poll waits for the messages of the previous batch that other sessions are still
 #: handling to be completed, so their deletes leave in one DeleteMessageBatch with the
@@ -167,12 +181,6 @@ SETTLE_WINDOW: Final = 0.02
 #: One botocore session per profile for the process: a session loads and caches the service
 #: model and endpoint rules (about a second per new session) and the resolved credential chain.
 _SESSIONS: dict[str | None, Any] = {}
-
-
-def _selected_at(requested: float, responded: float, visibility: float) -> float:
-    """The earliest moment SQS may have started the visibility clock of a receive's messages
-    (the margin shrinks for very short visibility timeouts, which it would otherwise halve)."""
-    return max(requested, responded - min(RESPONSE_MARGIN, visibility / 4))
 
 
 def _name_of(queue: str) -> str:
@@ -696,6 +704,45 @@ class SqsProvider(Provider):
             (expired if expires is not None and expires <= now_epoch else live).append(record)
         return live, expired
 
+    async def _anchored(
+        self, meta: _QueueMeta, raws: list[dict[str, Any]], requested: float
+    ) -> tuple[list[_Record], list[_Record]]:
+        """`_records` with deadlines SQS cannot have passed before ours: timed from
+        ``requested`` (when the receive was sent), or, when the answer came late (see
+        `EXTEND_AFTER`), from a visibility change sent at once. Messages that change finds no
+        longer in flight lapsed on the way: they are dropped (SQS delivers them again)."""
+        vt = self._lock_seconds(meta)
+        if not raws or trio.current_time() - requested <= min(EXTEND_AFTER, vt / 4):
+            return self._records(meta, raws, requested)
+        live, expired = self._records(meta, raws, requested)
+        if not live:
+            return live, expired
+        extended = trio.current_time()
+        try:
+            failed = await self._change_visibility(meta, live, [vt] * len(live))
+        except QueueError as exc:
+            # Keep the deadlines timed from the request: safe, if short (lapsed ones are dropped
+            # by the caller's next look).
+            log.info("could not extend the visibility of a late receive on %s: %s", meta.name, exc)
+            now = trio.current_time()
+            return [r for r in live if r.deadline > now], expired
+        kept: list[_Record] = []
+        for index, record in enumerate(live):
+            if index in failed:
+                record.state = _State.DONE
+                continue
+            record.deadline = extended + vt
+            record.received_at = requested
+            record.message.locked_until = record.deadline
+            kept.append(record)
+        if failed:
+            log.info(
+                "%d messages of a late receive on %s lapsed on the way: SQS will deliver them again",
+                len(failed),
+                meta.name,
+            )
+        return kept, expired
+
     async def _poll(self, state: _QueueState, remaining: float) -> None:
         """Run one demultiplexing receive for ``state``'s queue, or wait for the running one.
 
@@ -726,8 +773,10 @@ class SqsProvider(Provider):
                 reused = False
             else:
                 reused = True
-            requested = state.attempt_started if reused else trio.current_time()
             wait = await self._poll_wait(state, remaining)
+            # SQS starts the visibility clock when it picks the messages, never before this
+            # (a reused attempt returns the messages with their original clock).
+            requested = state.attempt_started if reused else trio.current_time()
             try:
                 raws = await self._receive_raw(
                     state.meta,
@@ -750,9 +799,7 @@ class SqsProvider(Provider):
                 # SQS waits in whole seconds: rather than spin on short polls for the
                 # fraction left, let the caller's time run out here.
                 await trio.sleep(min(remaining, 1.0))
-            live, expired = self._records(
-                state.meta, raws, _selected_at(requested, trio.current_time(), self._lock_seconds(state.meta))
-            )
+            live, expired = await self._anchored(state.meta, raws, requested)
             for record in expired:
                 record.state = _State.DELETING
                 state.deletes.append(record)
@@ -801,6 +848,8 @@ class SqsProvider(Provider):
         wait = min(self._wait_time, int(max(remaining, 0.0)))
         if not state.pending or wait == 0:
             return wait
+        if any(group in state.ending for group in state.pending):
+            wait = min(wait, 1)  # look again soon: it is claimable once the old holder closed
         until_due = (
             min(self._pending_due(p, state.meta) for p in state.pending.values()) - trio.current_time()
         )
@@ -884,8 +933,9 @@ class SqsProvider(Provider):
 
     def _claim(self, state: _QueueState) -> SqsSessionReceiver | None:
         now = trio.current_time()
-        while state.pending:
-            group = next(iter(state.pending))
+        for group in list(state.pending):
+            if group in state.ending:
+                continue  # its old holder is still ending: one live receiver per group
             pending = state.pending.pop(group)
             if min(r.deadline for r in pending.records) <= now:
                 continue  # lapsed: SQS may already have given it to someone else
@@ -924,12 +974,12 @@ class SqsProvider(Provider):
             del state.deletes[:BATCH]
             entries = [{"Id": str(i), "ReceiptHandle": r.receipt} for i, r in enumerate(batch)]
             now = trio.current_time()
-            late = sum(1 for r in batch if r.deadline <= now)
+            late = [r for r in batch if r.deadline <= now]
             if late:
                 log.warning(
                     "%d completed messages of %s are deleted after their visibility deadline: SQS may"
                     " redeliver them",
-                    late,
+                    len(late),
                     state.meta.name,
                 )
             state.deleting += 1
@@ -946,15 +996,21 @@ class SqsProvider(Provider):
                     # A fresh event for the next wait; whoever waits on this one wakes now.
                     landed, state.deletes_landed = state.deletes_landed, trio.Event()
                     landed.set()
+            refused: list[_Record] = []
             for entry in response.get("Failed") or []:
                 record = batch[int(entry["Id"])]
                 self.delete_failures += 1
+                refused.append(record)
                 log.warning(
                     "SQS refused to delete message %s of %s (%s): it will be redelivered",
                     record.message.message_id,
                     state.meta.name,
                     entry.get("Code"),
                 )
+            for record in (*late, *refused):
+                # Its group may be redelivered from this message: whoever holds it has lost it.
+                if isinstance(record.owner, SqsSessionReceiver):
+                    record.owner._mark_lost()
             for record in batch:
                 record.state = _State.DONE
                 if record.owner is not None:
@@ -1143,6 +1199,8 @@ class SqsSessionReceiver(_ReceiverBase):
 
     @property
     def locked_until(self) -> float | None:
+        if self._lost:
+            return -math.inf  # no lock left
         active = self._active()
         return min(r.deadline for r in active) if active else self._idle_deadline
 
@@ -1152,9 +1210,12 @@ class SqsSessionReceiver(_ReceiverBase):
     def _mark_lost(self) -> SessionLockLost:
         if not self._lost:
             self._lost = True
-            # New messages of the group become a new session; this receiver is done.
-            if self._state.receivers.get(self.session_id or "") is self:
-                del self._state.receivers[self.session_id or ""]
+            # New messages of the group become a new session, handed out once this one closed.
+            group = self.session_id or ""
+            if self._state.receivers.get(group) is self:
+                del self._state.receivers[group]
+                if not self._closed:
+                    self._state.ending[group] = self
         return SessionLockLost(
             f"session {self.session_id!r} of {self.queue!r}: the visibility of its messages lapsed"
             " (SQS may redeliver them)"
@@ -1197,8 +1258,9 @@ class SqsSessionReceiver(_ReceiverBase):
 
     async def complete(self, message: ReceivedMessage) -> None:
         """Queue the delete after checking the local visibility deadline (see the module doc:
-        deletes are batched). Raises `SessionLockLost` if the deadline passed (nothing deleted),
-        `InvalidReceipt` if the message was already settled or released."""
+        deletes are batched). Raises `SessionLockLost` if the deadline passed (nothing deleted)
+        or if a delete it sent at once was refused or late, `InvalidReceipt` if the message was
+        already settled or released."""
         if self._lost:
             raise SessionLockLost(f"session {self.session_id!r} of {self.queue!r} lost its lock")
         try:
@@ -1206,6 +1268,8 @@ class SqsSessionReceiver(_ReceiverBase):
         except SessionLockLost:
             raise self._mark_lost() from None
         await self._queue_delete(record, self._state)
+        if self._lost:  # the delete sent just now (or another of ours) was refused or late
+            raise SessionLockLost(f"session {self.session_id!r} of {self.queue!r} lost its lock")
 
     async def abandon(self, message: ReceivedMessage, *, delay: float | None = None) -> None:
         """Release the message and every later one of the group this receiver holds, so the
@@ -1292,9 +1356,14 @@ class SqsSessionReceiver(_ReceiverBase):
             return
         self._closed = True
         self._buffer.clear()
-        if self._state.receivers.get(self.session_id or "") is self:
-            del self._state.receivers[self.session_id or ""]
-        await self._close_held(self._state)
+        group = self.session_id or ""
+        if self._state.receivers.get(group) is self:
+            del self._state.receivers[group]
+        try:
+            await self._close_held(self._state)
+        finally:
+            if self._state.ending.get(group) is self:
+                del self._state.ending[group]
 
 
 class SqsQueueReceiver(_ReceiverBase):
@@ -1342,11 +1411,7 @@ class SqsQueueReceiver(_ReceiverBase):
                 max_messages=max_messages,
                 wait=min(self._provider._wait_time, int(max(remaining, 0))),
             )
-            live, expired = self._provider._records(
-                self._meta,
-                raws,
-                _selected_at(requested, trio.current_time(), self._provider._lock_seconds(self._meta)),
-            )
+            live, expired = await self._provider._anchored(self._meta, raws, requested)
             for record in expired:
                 record.state = _State.DELETING
                 state.deletes.append(record)
