@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import sys
 import threading
@@ -247,6 +248,30 @@ async def test_lock_loss_renew_and_settle(provider: ServiceBusProvider, namespac
     (m2,) = await again.receive(1, 1)
     assert m2.message.body == b"a" and m2.delivery_count == 2
     await again.aclose()
+
+
+async def test_a_session_lock_lost_during_a_receive_in_flight_is_remembered(
+    provider: ServiceBusProvider, namespace: FakeNamespace
+) -> None:
+    """The runtime starts no handle() on a lock it knows is gone (DESIGN 12): a receive the
+    broker ends with a lost session lock leaves the receiver reporting no lock left."""
+    await provider.send("orders", [msg("s", b"a")])
+    receiver = await provider.accept_session("orders", timeout=1)
+    assert receiver is not None
+    (m,) = await receiver.receive(1, 1)
+    await receiver.complete(m)
+    assert receiver.locked_until is not None and receiver.locked_until > trio.current_time()
+
+    async def lose_it_soon() -> None:
+        await trio.sleep(0.3)
+        namespace.lose_session_lock("orders", "s")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lose_it_soon)
+        with pytest.raises(errors.SessionLockLost):
+            await receiver.receive(1, 3)  # waiting when the lock goes
+    assert receiver.locked_until == -math.inf
+    await receiver.aclose()
 
 
 async def test_lock_expiry_is_lock_loss(provider: ServiceBusProvider, namespace: FakeNamespace) -> None:

@@ -23,6 +23,7 @@ Guarantees beyond `providers.base`:
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -680,6 +681,7 @@ class _ServiceBusReceiver(Receiver):
         self._sdk = sdk
         self._session = session
         self._locked_until: float | None = None
+        self._lost = False  # the broker said the session lock is gone
         self._outstanding: OrderedDict[str, Any] = OrderedDict()
         self._closed = False
 
@@ -688,7 +690,21 @@ class _ServiceBusReceiver(Receiver):
 
     @property
     def locked_until(self) -> float | None:
+        """The session lock's deadline as of the accept or the last renewal (the broker's UTC
+        time on trio's clock), ``-inf`` once the broker reported the lock lost (by any call,
+        a receive in flight included), None for queue receivers."""
+        if self._lost:
+            return -math.inf
         return self._locked_until
+
+    async def _call(self, operation: str, fn: Callable[..., Any], *args: Any, wait: float = 0.0) -> Any:
+        """`ServiceBusProvider._call` for this receiver: a lost session lock is remembered."""
+        try:
+            return await self._provider._call(operation, self.queue, fn, *args, wait=wait)
+        except SessionLockLost:
+            if self._session is not None:
+                self._lost = True
+            raise
 
     def _check_open(self) -> None:
         if self._closed:
@@ -705,7 +721,7 @@ class _ServiceBusReceiver(Receiver):
             return list(await sdk.receive_messages(max_message_count=max_messages, max_wait_time=wait))
 
         # Messages received by a cancelled call stay locked and are redelivered after expiry.
-        batch = await self._provider._call("receive", self.queue, receive, wait=wait)
+        batch = await self._call("receive", receive, wait=wait)
         out: list[ReceivedMessage] = []
         for sdk_message in batch:
             receipt = str(sdk_message.lock_token)
@@ -729,7 +745,7 @@ class _ServiceBusReceiver(Receiver):
     ) -> None:
         sdk_message = self._lookup(message)
         try:
-            await self._provider._call(operation, self.queue, fn, sdk_message, *args)
+            await self._call(operation, fn, sdk_message, *args)
         except (InvalidReceipt, MessageLockLost, SessionLockLost):
             # Final: this token will never settle again.
             self._outstanding.pop(message.receipt, None)
@@ -766,7 +782,7 @@ class _ServiceBusReceiver(Receiver):
         async def renew() -> datetime:
             return await session.renew_lock()  # type: ignore[no-any-return]
 
-        when = await self._provider._call("renew_lock", self.queue, renew)
+        when = await self._call("renew_lock", renew)
         self._locked_until = _Clock.to_trio(when)
         assert self._locked_until is not None
         return self._locked_until
@@ -781,7 +797,7 @@ class _ServiceBusReceiver(Receiver):
             return await sdk.renew_message_lock(sdk_message)  # type: ignore[no-any-return]
 
         try:
-            when = await self._provider._call("renew_message_lock", self.queue, renew)
+            when = await self._call("renew_message_lock", renew)
         except (MessageLockLost, InvalidReceipt):
             self._outstanding.pop(message.receipt, None)
             raise
@@ -798,7 +814,7 @@ class _ServiceBusReceiver(Receiver):
         async def get() -> Any:
             return await session.get_state()
 
-        state = await self._provider._call("get_state", self.queue, get)
+        state = await self._call("get_state", get)
         return None if state is None else bytes(state)
 
     async def set_state(self, state: bytes | None) -> None:
@@ -812,7 +828,7 @@ class _ServiceBusReceiver(Receiver):
         async def set_() -> None:
             await session.set_state(state)
 
-        await self._provider._call("set_state", self.queue, set_)
+        await self._call("set_state", set_)
 
     async def aclose(self) -> None:
         """Release the session (unsettled messages return to the queue). Idempotent; the
