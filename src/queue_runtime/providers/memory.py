@@ -1260,9 +1260,8 @@ class _SessionReceiver(Receiver):
     @property
     def locked_until(self) -> float | None:
         session = self._session
-        if self._lost or session.holder is not self:
-            return -math.inf  # released or taken over: no lock left
-        return session.lock_until
+        # Released or taken over (`_release_session` clears the holder): no lock left.
+        return session.lock_until if session.holder is self else -math.inf
 
     def _check(self, now: float | None = None) -> _Session:
         """Apply due events, then raise `SessionLockLost` unless this receiver holds the lock."""
