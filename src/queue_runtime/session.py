@@ -43,7 +43,7 @@ import trio
 from .actor import DeadLetter, MessageContext, SessionActor, SessionHandle, StopReason, _DeliveredContext
 from .codec import DecodeError
 from .config import SupervisorConfig
-from .errors import InvalidReceipt, MessageLockLost, QueueError, SessionLockLost, Timeout
+from .errors import InvalidReceipt, MessageLockLost, QueueError, SessionLockLost, Throttled, Timeout
 from .message import ReceivedMessage
 from .providers.base import Receiver
 from .retry import Backoff, CircuitBreaker, call_with_retry
@@ -112,11 +112,13 @@ class _LockLost(Exception):
 
 
 class _SessionFailed(Exception):
-    """Internal: a provider call failed for good; end the session with ``"error"``."""
+    """Internal: a provider call failed for good; end the session with ``"error"``.
+    ``reported`` when the error was logged and counted already."""
 
-    def __init__(self, cause: BaseException) -> None:
+    def __init__(self, cause: BaseException, *, reported: bool = False) -> None:
         super().__init__(str(cause))
         self.cause = cause
+        self.reported = reported
 
 
 class LockHolder(Protocol):
@@ -391,6 +393,13 @@ class Session:
         # Set when `run` has ended, made only when a newer session of the same id waits for it.
         self._ended: trio.Event | None = None
         self._finished = False
+        # The session of the same id this supervisor accepted before this one, if still
+        # registered: it must have ended before this one starts (registered now, in acceptance
+        # order, not when the task first runs).
+        self._previous: Session | None = None
+        if self.session_id is not None:
+            self._previous = runtime.holders.get(self.session_id)
+            runtime.holders[self.session_id] = self
 
     # -- signals from outside ----------------------------------------------------------------
     @property
@@ -446,12 +455,10 @@ class Session:
             with self._lock_scope:
                 rt.renewer.track(self)
                 try:
-                    if self.session_id is not None:
-                        previous = rt.holders.get(self.session_id)
-                        rt.holders[self.session_id] = self
-                        if previous is not None and not await self._outlive(previous):
-                            reason = "shutdown"  # stopped while waiting: the finally hands it back
-                            return reason
+                    previous, self._previous = self._previous, None
+                    if previous is not None and not await self._outlive(previous):
+                        reason = "shutdown"  # stopped while waiting: the finally hands it back
+                        return reason
                     actor = rt.actor_class()
                     if self.session_id is not None:
                         actor.session_id = self.session_id
@@ -471,7 +478,8 @@ class Session:
                 except _LockLost as lost:
                     self.lock_lost(lost.cause)
                 except _SessionFailed as failed:
-                    telemetry.error(failed.cause, operation="settle")
+                    if not failed.reported:
+                        telemetry.error(failed.cause, operation="settle")
                     reason = "error"
                 except Exception as error:
                     telemetry.log(
@@ -493,21 +501,25 @@ class Session:
                 if cancelled:
                     reason = "shutdown"
                 self.stop_reason = reason
-                with trio.CancelScope(shield=True) as cleanup:
-                    cleanup.deadline = trio.current_time() + CLEANUP_TIMEOUT
-                    if self._lost is None and not cancelled:
+                # Each clean-up step has its own bound and runs whatever happened to the one
+                # before: a hand-back stuck on a stalled broker must not skip on_stop, nor the
+                # close that releases the session.
+                if self._lost is None and not cancelled:
+                    with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT):
                         await self._hand_back()
-                    if actor is not None and rt.calls_on_stop:
-                        with trio.move_on_after(1.0 if cancelled else CLEANUP_TIMEOUT):
-                            try:
-                                await actor.on_stop(reason)
-                            except Exception as error:
-                                telemetry.log(
-                                    40,
-                                    f"on_stop failed: {describe_exception(error)}",
-                                    operation="process",
-                                    session_id=self.session_id,
-                                )
+                if actor is not None and rt.calls_on_stop:
+                    limit = 1.0 if cancelled else CLEANUP_TIMEOUT
+                    with trio.CancelScope(shield=True, deadline=trio.current_time() + limit):
+                        try:
+                            await actor.on_stop(reason)
+                        except Exception as error:
+                            telemetry.log(
+                                40,
+                                f"on_stop failed: {describe_exception(error)}",
+                                operation="process",
+                                session_id=self.session_id,
+                            )
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT):
                     try:
                         await self.receiver.aclose()
                     except QueueError as error:
@@ -735,8 +747,8 @@ class Session:
                     raise _LockLost(error) from None
                 except QueueError as error:
                     rt.telemetry.error(error, operation="receive")
-                    if not error.transient:
-                        raise _SessionFailed(error) from None
+                    if not self._may_receive_again(error):
+                        raise _SessionFailed(error, reported=True) from None
                     if backoff is None:
                         backoff = Backoff(initial=0.2, maximum=5.0)
                     await trio.sleep(backoff.next_delay())
@@ -769,12 +781,25 @@ class Session:
                     self._tracked_until = self.receiver.locked_until
             return received
 
-    async def _receive_failed(self, error: QueueError) -> bool:
-        """A receive of the ordered loop failed: report it, raise `_SessionFailed` unless it is
-        transient, else back off before the next try. False when a stop interrupted the wait."""
-        self.runtime.telemetry.error(error, operation="receive")
+    def _may_receive_again(self, error: QueueError) -> bool:
+        """Whether receiving again on this receiver after ``error`` keeps the session's order.
+
+        A receive that failed may still have taken messages at the broker (the answer was lost
+        on the way back): they stay locked to this receiver, and the next receive would hand out
+        the ones after them. So a session receiver is given up (closing it hands everything back,
+        in order) unless the broker refused the call outright (`Throttled`). A non-session queue
+        has no order to keep: its transient errors are retried."""
         if not error.transient:
-            raise _SessionFailed(error) from None
+            return False
+        return self.session_id is None or isinstance(error, Throttled)
+
+    async def _receive_failed(self, error: QueueError) -> bool:
+        """A receive of the ordered loop failed: report it, raise `_SessionFailed` unless it may
+        be retried (`_may_receive_again`), else back off before the next try. False when a stop
+        interrupted the wait."""
+        self.runtime.telemetry.error(error, operation="receive")
+        if not self._may_receive_again(error):
+            raise _SessionFailed(error, reported=True) from None
         if self._receive_backoff is None:
             self._receive_backoff = Backoff(initial=0.2, maximum=5.0)
         return await self._backoff(self._receive_backoff.next_delay())
