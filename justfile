@@ -13,7 +13,7 @@ test *ARGS:
 
 # ruff and mypy.
 lint:
-    uv run --all-extras ruff check src tests benchmarks examples
+    uv run --all-extras ruff check src tests benchmarks examples drills
     uv run --all-extras mypy src
 
 # Benchmarks: full sizes, results to benchmarks/results/ and docs/benchmarks.md.
@@ -22,5 +22,5 @@ bench *ARGS:
 
 # Format the code.
 fmt:
-    uv run --all-extras ruff format src tests benchmarks examples
-    uv run --all-extras ruff check --fix src tests benchmarks examples
+    uv run --all-extras ruff format src tests benchmarks examples drills
+    uv run --all-extras ruff check --fix src tests benchmarks examples drills
