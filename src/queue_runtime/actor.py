@@ -13,10 +13,11 @@ from __future__ import annotations
 import typing
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, overload
 
 from .codec import Decoder, make_decoder
 from .errors import ConfigurationError
+from .redaction import redact
 
 if TYPE_CHECKING:
     from .message import ReceivedMessage
@@ -28,16 +29,29 @@ T = TypeVar("T")
 StopReason = typing.Literal["idle", "shutdown", "lock_lost", "error"]
 
 
+@overload
+def _redacted(text: str) -> str: ...
+@overload
+def _redacted(text: None) -> None: ...
+def _redacted(text: str | None) -> str | None:
+    """``text`` through `redact` (a dead-letter reason or description is stored, then shown)."""
+    return redact(text) if isinstance(text, str) else text
+
+
 class DeadLetter(Exception):
     """Raise from ``handle()`` to dead-letter the message at once, without retrying.
 
     ``reason`` is a short machine-readable code (``"NegativeAmount"``); ``description`` is a
-    human-readable sentence. Neither should contain personal data from the body.
+    human-readable sentence. Neither should contain personal data from the body. Both are
+    redacted (`queue_runtime.redaction.redact`: configured secrets and credential patterns are
+    masked) before they are stored in the dead-letter queue.
     """
 
     def __init__(self, reason: str, description: str | None = None) -> None:
         if not isinstance(reason, str) or not reason:
             raise ValueError("DeadLetter needs a non-empty reason")
+        reason = redact(reason)
+        description = redact(description) if isinstance(description, str) else description
         super().__init__(reason if description is None else f"{reason}: {description}")
         self.reason = reason
         self.description = description
@@ -153,10 +167,11 @@ class MessageContext:
 
     async def dead_letter(self, reason: str, description: str | None = None) -> None:
         """Dead-letter this message now. ``handle()`` may return afterwards; the runtime will
-        not complete or retry it. Calling it twice is an error."""
+        not complete or retry it. Calling it twice is an error. ``reason`` and ``description``
+        are redacted like `DeadLetter`'s."""
         if self.settled:
             raise RuntimeError(f"message {self.message_id} is already settled")
-        await self._dead_letter(reason, description)
+        await self._dead_letter(_redacted(reason), _redacted(description))
         self.settled = True
 
     async def renew_lock(self) -> None:
@@ -225,7 +240,7 @@ class _DeliveredContext(MessageContext):
     async def dead_letter(self, reason: str, description: str | None = None) -> None:
         if self.settled:
             raise RuntimeError(f"message {self.message_id} is already settled")
-        await self._settle_dead_letter(self._delivery, reason, description)
+        await self._settle_dead_letter(self._delivery, _redacted(reason), _redacted(description))
         self.settled = True
 
 

@@ -46,6 +46,7 @@ from .config import SupervisorConfig
 from .errors import InvalidReceipt, MessageLockLost, QueueError, SessionLockLost, Throttled, Timeout
 from .message import ReceivedMessage
 from .providers.base import Receiver
+from .redaction import redact
 from .retry import Backoff, CircuitBreaker, call_with_retry
 from .telemetry import Telemetry, observed, tracing_enabled
 
@@ -95,8 +96,9 @@ _WORKING = 2  # inside handle(): stop() lets it run until the grace deadline
 
 
 def describe_exception(error: BaseException) -> str:
-    """``"TypeName: text"`` cut to `MAX_DESCRIPTION_BYTES` of UTF-8."""
-    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    """``"TypeName: text"``, redacted (configured secrets, credential patterns), cut to
+    `MAX_DESCRIPTION_BYTES` of UTF-8."""
+    text = redact(f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
     data = text.encode("utf-8")
     if len(data) <= MAX_DESCRIPTION_BYTES:
         return text

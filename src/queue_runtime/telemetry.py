@@ -35,7 +35,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import sys
 import threading
 import time
@@ -55,6 +54,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from .errors import ConfigurationError, QueueError
 from .message import Message, ReceivedMessage
+from .redaction import has_known_secrets, mask_known, redact
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, Observation
@@ -103,34 +103,8 @@ MESSAGE_EVENT_LEVEL: Final = logging.DEBUG
 
 
 # -- redaction ---------------------------------------------------------------------------------
-
-_SECRET_KEYS = (
-    r"SharedAccessKey|SharedAccessSignature|AccountKey|aws_secret_access_key|aws_session_token"
-    r"|SecretAccessKey|SessionToken|SecurityToken|X-Amz-Signature|X-Amz-Security-Token|Signature|sig"
-    r"|password|passwd|pwd|client_secret|api[_-]?key|access[_-]?token|refresh[_-]?token"
-)
-# key, separator (= or :, optionally quoted), value up to a delimiter of the usual notations
-# (connection strings ';', query strings '&', JSON/dict quotes and commas, whitespace).
-_SECRET_VALUE = re.compile(
-    rf"(?i)(?<![A-Za-z0-9_-])({_SECRET_KEYS})(\s*[\"']?\s*[=:]\s*[\"']?)([^;&\s\"',}}]+)"
-)
-# An Authorization header's whole value (scheme included) up to the end of the line or quote.
-_AUTH_HEADER = re.compile(r"(?i)(\bAuthorization[\"']?\s*[=:]\s*[\"']?)([^\"'\r\n]+)")
-# "SharedAccessSignature sr=...&sig=..." tokens outside key=value form.
-_SAS_TOKEN = re.compile(r"(?i)(SharedAccessSignature\s+)(\S+)")
-_MASK: Final = "***"
-
-
-def redact(text: str) -> str:
-    """``text`` with credential values masked (``***``): ``SharedAccessKey=``,
-    ``AccountKey=``, ``aws_secret_access_key=``, session tokens, ``Signature=``/``sig=``,
-    passwords and ``Authorization`` header values. Keys and the rest of the text are kept so the
-    line stays useful. Idempotent. Used on every error text we log or put on a span."""
-    if not text:
-        return text
-    text = _AUTH_HEADER.sub(lambda m: m.group(1) + _MASK, text)
-    text = _SAS_TOKEN.sub(lambda m: m.group(1) + _MASK, text)
-    return _SECRET_VALUE.sub(lambda m: m.group(1) + m.group(2) + _MASK, text)
+# `redact` lives in `queue_runtime.redaction` (it knows the configured secret values); it is
+# re-exported here, where the log formatters and span helpers apply it.
 
 
 def _error_text(error: BaseException) -> str:
@@ -746,6 +720,8 @@ class Telemetry:
             attrs["messaging.conversation_id"] = session_id
         if message is not None:
             _message_attrs(attrs, message)
+        if has_known_secrets():  # ids and names come from brokers and users: mask secrets
+            attrs = {key: mask_known(v) if isinstance(v, str) else v for key, v in attrs.items()}
         with (
             _tracer.start_as_current_span(
                 name,
@@ -960,6 +936,11 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
     }
 
 
+def _shown(value: object) -> str:
+    """A non-string log field as text, redacted (its ``str()`` may hold anything)."""
+    return redact(str(value))
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ``timestamp`` (UTC ISO 8601), ``level``, ``logger``,
     ``message``, every extra record attribute (the guide's fields first), and ``exception``
@@ -981,7 +962,7 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = redact(self.formatException(record.exc_info))
         elif record.exc_text:
             entry["exception"] = redact(record.exc_text)
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        return json.dumps(entry, default=_shown, ensure_ascii=False)
 
 
 class TextFormatter(logging.Formatter):
@@ -995,7 +976,7 @@ class TextFormatter(logging.Formatter):
         ordered = [(key, extras.pop(key)) for key in LOG_FIELDS if key in extras]
         for key, value in [*ordered, *extras.items()]:
             if value is not None:
-                shown = str(value)
+                shown = value if isinstance(value, str) else _shown(value)
                 parts.append(f"{key}={json.dumps(shown) if (not shown or ' ' in shown) else shown}")
         line = " ".join(parts)
         if record.exc_info:

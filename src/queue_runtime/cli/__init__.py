@@ -13,13 +13,21 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from .common import CommandError, ParserError, build_parser, report_error
+from .common import CommandError, ParserError, build_parser, redacted_output, report_error
 
 __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (also used by the console script)."""
+    """Run the command line; returns the exit code (also used by the console script).
+
+    Everything written to stdout and stderr meanwhile passes through
+    `queue_runtime.redaction.redact` (see `common.RedactingStream`)."""
+    with redacted_output():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args_list = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args_list

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
 import sys
 import traceback
-from typing import Any, NoReturn
+from collections.abc import Iterator
+from typing import Any, NoReturn, TextIO
 
 from ..errors import ConfigurationError, QueueError, ValidationError
+from ..redaction import redact
 
 __all__ = [
     "CommandError",
     "ParserError",
+    "RedactingStream",
     "add_config_flags",
     "build_parser",
+    "command_logging",
     "load_cli_settings",
+    "redacted_output",
     "report_error",
 ]
 
@@ -85,9 +92,12 @@ def load_cli_settings(args: argparse.Namespace, **overrides: Any) -> Any:
 
 
 def report_error(error: BaseException, *, debug: bool, code: int | None) -> int:
-    """Print ``error`` as one line (a traceback too with ``--debug``); return the exit code."""
+    """Print ``error`` as one line (a traceback too with ``--debug``); return the exit code.
+
+    Both go through `queue_runtime.redaction.redact`: configured secret values and credential
+    patterns are masked in the traceback's messages and source lines too."""
     if debug:
-        traceback.print_exception(error, file=sys.stderr)
+        sys.stderr.write(redact("".join(traceback.format_exception(error))))
     if code is None:
         if isinstance(error, (ConfigurationError, ValidationError)):
             code = 2
@@ -97,7 +107,63 @@ def report_error(error: BaseException, *, debug: bool, code: int | None) -> int:
             code = 1
             error = RuntimeError(f"unexpected {type(error).__name__}: {error} (run with --debug for details)")
     text = " ".join(str(error).split()) or type(error).__name__
-    from ..telemetry import redact
-
     print(f"queue-runtime: error: {redact(text)}", file=sys.stderr)
     return code
+
+
+class RedactingStream:
+    """A text stream that passes everything written through `redact` on its way to
+    ``stream`` (every other attribute is the wrapped stream's). The command line wraps stdout
+    and stderr in it, so nothing it prints (tables, JSON, error lines, tracebacks) can show a
+    configured secret, whatever code path produced the text."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(redact(text) if isinstance(text, str) else text)
+        return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def redacted_output() -> Iterator[None]:
+    """Inside the block, ``sys.stdout`` and ``sys.stderr`` are `RedactingStream` wrappers."""
+    stdout, stderr = sys.stdout, sys.stderr
+    if stdout is not None and not isinstance(stdout, RedactingStream):
+        sys.stdout = RedactingStream(stdout)
+    if stderr is not None and not isinstance(stderr, RedactingStream):
+        sys.stderr = RedactingStream(stderr)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
+
+
+@contextlib.contextmanager
+def command_logging(debug: bool) -> Iterator[None]:
+    """Logging for an operator command. A command reports a failure as one error line, so the
+    library's own log records (a failed send is logged too) are not printed: without a handler
+    Python's last-resort handler would print WARNING ones raw, before that line. With
+    ``--debug`` they are printed, at DEBUG, formatted and redacted like a worker's."""
+    from ..telemetry import _NOISY, configure_logging
+
+    root = logging.getLogger()
+    names = ["queue_runtime", *_NOISY]
+    saved = root.level, {name: logging.getLogger(name).level for name in names}
+    handler: logging.Handler = configure_logging("debug", "text") if debug else logging.NullHandler()
+    if not debug:
+        root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved[0])
+        for name, level in saved[1].items():
+            logging.getLogger(name).setLevel(level)
