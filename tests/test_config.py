@@ -338,6 +338,8 @@ ENV_CASES: list[tuple[str, str, str, Any]] = [
     ("AZURE_CLIENT_ID", "client-123", "azure.client_id", "client-123"),
     ("AZURE_TENANT_ID", "tenant-456", "azure.tenant_id", "tenant-456"),
     ("QUEUE_METRICS_PORT", "9464", "telemetry.metrics_port", 9464),
+    ("QUEUE_METRICS_HOST", "0.0.0.0", "telemetry.metrics_host", "0.0.0.0"),
+    ("QUEUE_SECRETS_REFRESH_INTERVAL_SECONDS", "60", "secrets.refresh_interval", 60.0),
 ]
 
 

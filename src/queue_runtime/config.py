@@ -12,6 +12,7 @@ import hmac
 import math
 import os
 import re
+import reprlib
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,21 +25,27 @@ import yaml
 
 from .errors import ConfigurationError, ValidationError
 from .message import validate_queue_name
+from .redaction import looks_like_a_credential, register_secret
 from .retry import RetryPolicy
 
 __all__ = [
     "CONFIG_FILE_ENV",
     "ENVIRONMENT",
+    "MAX_CONFIG_FILE_BYTES",
+    "SECRET_REFERENCE_SCHEMES",
     "AwsSettings",
     "AzureSettings",
     "MemorySettings",
     "RetryPolicy",
     "Secret",
+    "SecretReference",
+    "SecretsSettings",
     "Settings",
     "SupervisorConfig",
     "TelemetrySettings",
     "WorkerSettings",
     "load_settings",
+    "parse_secret_reference",
 ]
 
 
@@ -49,9 +56,17 @@ def _check_number(
         raise ConfigurationError(f"{name} must be a number, got {value!r}")
     if integer and not isinstance(value, int):
         raise ConfigurationError(f"{name} must be an integer, got {value!r}")
-    if not math.isfinite(value) or value < minimum or (not allow_equal and value == minimum):
+    if not _finite(value) or value < minimum or (not allow_equal and value == minimum):
         op = ">=" if allow_equal else ">"
         raise ConfigurationError(f"{name} must be {op} {minimum}, got {value!r}")
+
+
+def _finite(value: float) -> bool:
+    """`math.isfinite`, also for integers too large for a float (they are not finite here)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 class SupervisorConfig(msgspec.Struct, kw_only=True):
@@ -112,6 +127,86 @@ class SupervisorConfig(msgspec.Struct, kw_only=True):
 
 _MASK: Final = "**********"
 
+#: Schemes of secret references: ``keyvault://VAULT/NAME`` (Azure Key Vault) and
+#: ``secretsmanager://NAME-or-ARN`` (AWS Secrets Manager); see `queue_runtime.secrets`.
+SECRET_REFERENCE_SCHEMES: Final = ("keyvault", "secretsmanager")
+_REFERENCE = re.compile(r"^(?:keyvault|secretsmanager)://", re.IGNORECASE)
+_VAULT_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{1,22}[A-Za-z0-9])$")
+_VAULT_HOST = re.compile(r"^[A-Za-z0-9-]{3,24}(?:\.[A-Za-z0-9-]+)+(?::[0-9]{1,5})?$")
+_KEYVAULT_SECRET = re.compile(r"^[A-Za-z0-9-]{1,127}$")
+_KEYVAULT_VERSION = re.compile(r"^[A-Za-z0-9]{1,64}$")
+_AWS_SECRET_ID = re.compile(r"^[A-Za-z0-9/_+=.@:-]{1,2048}$")
+
+
+class SecretReference(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a secret lives: parsed from ``keyvault://VAULT/NAME[/VERSION]`` or
+    ``secretsmanager://NAME-or-ARN[#KEY]`` (see `parse_secret_reference`). Not a secret."""
+
+    text: str
+    store: Literal["keyvault", "secretsmanager"]
+    #: Key Vault: the vault URL (``https://VAULT.vault.azure.net``); Secrets Manager: None.
+    vault_url: str | None = None
+    #: Key Vault: the secret's name; Secrets Manager: the secret's name or ARN.
+    name: str
+    #: Key Vault: a pinned version (None = the current one, what rotation needs).
+    version: str | None = None
+    #: Secrets Manager: the field of a JSON secret to use (None = the whole secret string).
+    json_key: str | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def parse_secret_reference(text: str) -> SecretReference:
+    """Parse a secret reference; raise `ConfigurationError` (one line) when it is malformed.
+
+    * ``keyvault://VAULT/NAME`` or ``keyvault://VAULT/NAME/VERSION``: VAULT is the vault's name
+      (``https://VAULT.vault.azure.net``) or its host name (``myvault.vault.azure.cn``...);
+      NAME the secret's name (letters, digits, ``-``).
+    * ``secretsmanager://NAME-or-ARN`` or ``secretsmanager://NAME-or-ARN#KEY``: the secret's
+      name or ARN; ``#KEY`` picks one field of a JSON secret (``{"secret_access_key": ...}``).
+    """
+    scheme, sep, rest = text.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in SECRET_REFERENCE_SCHEMES:
+        raise ConfigurationError(
+            f"malformed secret reference {_show(text)}: use keyvault://VAULT/NAME or secretsmanager://NAME-or-ARN"
+        )
+    if scheme == "keyvault":
+        parts = rest.removesuffix("/").split("/")
+        vault = parts[0]
+        if (
+            len(parts) not in (2, 3)
+            or not (_VAULT_NAME.match(vault) or _VAULT_HOST.match(vault))
+            or not _KEYVAULT_SECRET.match(parts[1])
+            or (len(parts) == 3 and not _KEYVAULT_VERSION.match(parts[2]))
+        ):
+            raise ConfigurationError(
+                f"malformed secret reference {_show(text)}: use keyvault://VAULT/NAME[/VERSION] (VAULT a"
+                " vault name or host, NAME letters, digits and '-')"
+            )
+        host = vault if "." in vault else f"{vault}.vault.azure.net"
+        return SecretReference(
+            text=text,
+            store="keyvault",
+            vault_url=f"https://{host.lower()}",
+            name=parts[1],
+            version=parts[2] if len(parts) == 3 else None,
+        )
+    name, hash_sign, key = rest.partition("#")
+    if not _AWS_SECRET_ID.match(name) or (hash_sign and not key) or len(key) > 256:
+        raise ConfigurationError(
+            f"malformed secret reference {_show(text)}: use secretsmanager://NAME-or-ARN[#KEY]"
+        )
+    return SecretReference(text=text, store="secretsmanager", name=name, json_key=key or None)
+
+
+#: Largest config file read: a real one is a few hundred bytes.
+MAX_CONFIG_FILE_BYTES: Final = 1024 * 1024
+# Credential variables azure-identity's EnvironmentCredential reads: not settings of ours, but
+# their values are secrets, so they are registered for redaction when settings are loaded.
+_IDENTITY_SECRETS: Final = ("AZURE_CLIENT_SECRET", "AZURE_CLIENT_CERTIFICATE_PASSWORD", "AZURE_PASSWORD")
+
 
 class Secret:
     """A credential that never shows itself.
@@ -120,6 +215,14 @@ class Secret:
     Two secrets are equal when their values are (compared in constant time). msgspec cannot
     encode a `Secret` without an explicit hook, so it cannot leak through a stray
     ``msgspec.json.encode``; `Settings.redacted` shows it as ``"**********"``.
+
+    Creating a `Secret` registers its value with `queue_runtime.redaction`, so the value is
+    masked wherever text leaves the process (logs, CLI output, dead-letter descriptions, spans).
+
+    A value that is a secret *reference* (``keyvault://VAULT/NAME``,
+    ``secretsmanager://NAME-or-ARN``, see `is_reference`) names where the secret lives: it is
+    not a credential, `Settings.redacted` shows it, and `queue_runtime.secrets` replaces it
+    with the value it points to.
     """
 
     __slots__ = ("_value",)
@@ -128,6 +231,13 @@ class Secret:
         if not isinstance(value, str):
             raise ConfigurationError(f"a secret must be a string, got a value of type {type(value).__name__}")
         self._value = value
+        if not _REFERENCE.match(value):
+            register_secret(value)
+
+    @property
+    def is_reference(self) -> bool:
+        """Whether the value is a ``keyvault://`` or ``secretsmanager://`` reference."""
+        return bool(_REFERENCE.match(self._value))
 
     def get_secret_value(self) -> str:
         """The credential itself: pass it to the SDK, never to a log or an error."""
@@ -172,7 +282,7 @@ class _Section(msgspec.Struct, frozen=True, kw_only=True):
                 converted = _convert(value, field.type, text=False)
             except _Invalid as invalid:
                 key = self._prefix + field.name
-                raise ConfigurationError(f"{key} must be {invalid.expected}, got {invalid.shown}") from None
+                raise ConfigurationError(f"{key} {invalid.sentence()}") from None
             if converted is not value:
                 # Normalise what was given by hand: a plain str secret becomes a Secret, an int
                 # in a float field a float, "warning" the canonical "WARNING".
@@ -233,11 +343,29 @@ class MemorySettings(_Section, frozen=True, kw_only=True):
 
 
 class TelemetrySettings(_Section, frozen=True, kw_only=True):
-    """Where metrics are exposed. ``metrics_port`` None = no Prometheus endpoint."""
+    """Where metrics are exposed. ``metrics_port`` None = no Prometheus endpoint.
+    ``metrics_host`` = 127.0.0.1: the endpoints (``/metrics``, ``/healthz``, ``/readyz``,
+    ``/sessions``) answer this host only unless asked otherwise (``0.0.0.0`` in a container
+    whose probes and scraper come from outside); see ``docs/security.md``."""
 
     _prefix: ClassVar[str] = "telemetry."
 
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
+    metrics_host: Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=r"^[^\s/]+$")] = (
+        "127.0.0.1"
+    )
+
+
+class SecretsSettings(_Section, frozen=True, kw_only=True):
+    """Secret references (``keyvault://VAULT/NAME``, ``secretsmanager://NAME-or-ARN``) are
+    read at start-up and again every ``refresh_interval`` seconds (and at once after the
+    broker refused a credential), so a rotated secret is picked up without a restart.
+    15 minutes: rotation is rare and each read is a request to the store (billed on both
+    clouds); an authentication failure triggers a read at once anyway."""
+
+    _prefix: ClassVar[str] = "secrets."
+
+    refresh_interval: Annotated[float, msgspec.Meta(gt=0)] = 900.0
 
 
 class Settings(_Section, frozen=True, kw_only=True, dict=True):
@@ -259,14 +387,15 @@ class Settings(_Section, frozen=True, kw_only=True, dict=True):
     azure: AzureSettings = msgspec.field(default_factory=AzureSettings)
     memory: MemorySettings = msgspec.field(default_factory=MemorySettings)
     telemetry: TelemetrySettings = msgspec.field(default_factory=TelemetrySettings)
+    secrets: SecretsSettings = msgspec.field(default_factory=SecretsSettings)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         system = _SYSTEMS[self.provider]
         for key in ("queue", "dlq_name"):
             name = getattr(self, key)
-            # An SQS queue may be given by URL; the adapter resolves and checks it.
-            if name is None or (self.provider == "aws" and "://" in name):
+            # An SQS queue may also be given by URL (`validate_queue_name` checks its shape).
+            if name is None:
                 continue
             try:
                 validate_queue_name(name, system)
@@ -288,6 +417,37 @@ class Settings(_Section, frozen=True, kw_only=True, dict=True):
         return {
             key: "default" if values[key] == spec.default else "argument" for key, spec in _leaves().items()
         }
+
+    def secret_settings(self) -> dict[str, Secret]:
+        """Every secret-valued setting that is set, by dotted key (``azure.connection_string``,
+        ``aws.secret_access_key``, ``aws.session_token``)."""
+        values = _flatten_values(self)
+        return {
+            key: value
+            for key, leaf in _leaves().items()
+            if leaf.secret and isinstance((value := values[key]), Secret)
+        }
+
+    def with_secrets(self, values: Mapping[str, str]) -> Settings:
+        """A copy with the secret settings named in ``values`` (dotted keys) replaced, sources
+        kept: how resolved and rotated secret references are put in place."""
+        sections: dict[str, dict[str, object]] = {}
+        for key, value in values.items():
+            section, _, name = key.rpartition(".")
+            if key not in _leaves() or not _leaves()[key].secret or not section:
+                raise ConfigurationError(f"{key!r} is not a secret setting")
+            sections.setdefault(section, {})[name] = Secret(value)
+        changed = msgspec.structs.replace(
+            self,
+            **{
+                name: msgspec.structs.replace(getattr(self, name), **fields)
+                for name, fields in sections.items()
+            },
+        )
+        recorded = self.__dict__.get("_sources")
+        if recorded is not None:
+            changed.__dict__["_sources"] = dict(recorded)
+        return changed
 
     def redacted(self) -> dict[str, Any]:
         """Every effective value as plain JSON-able data; each secret as ``"**********"``
@@ -346,12 +506,14 @@ ENVIRONMENT: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
         "azure.client_id": ("AZURE_CLIENT_ID",),
         "azure.tenant_id": ("AZURE_TENANT_ID",),
         "telemetry.metrics_port": ("QUEUE_METRICS_PORT",),
+        "telemetry.metrics_host": ("QUEUE_METRICS_HOST",),
+        "secrets.refresh_interval": ("QUEUE_SECRETS_REFRESH_INTERVAL_SECONDS",),
     }
 )
 CONFIG_FILE_ENV: Final = "QUEUE_CONFIG_FILE"
 _MILLISECONDS: Final = frozenset({"QUEUE_RETRY_BACKOFF_MS"})
 _DISCOVERED_FILES: Final = ("config.toml", "config.yaml", "config.yml")
-_SECTIONS: Final = ("worker", "aws", "azure", "memory", "telemetry")
+_SECTIONS: Final = ("worker", "aws", "azure", "memory", "telemetry", "secrets")
 _SUPERVISOR_KEYS: Final = ("queue", "receive_timeout", "worker.")
 
 
@@ -377,6 +539,8 @@ def load_settings(
     the bad value (never a secret's value). `Settings.sources` records each value's origin.
     """
     environ: Mapping[str, str] = os.environ if env is None else env
+    for name in _IDENTITY_SECRETS:
+        register_secret(environ.get(name))
     layered: dict[str, tuple[object, str]] = {}
 
     path, origin = _find_config_file(config_file, environ)
@@ -477,7 +641,8 @@ def _flatten_values(settings: Settings) -> dict[str, object]:
 
 def _redact_hook(value: object) -> object:
     if isinstance(value, Secret):
-        return _MASK
+        # A reference names where the secret lives; it is shown so operators can check it.
+        return value.get_secret_value() if value.is_reference else _MASK
     raise NotImplementedError(f"cannot show a value of type {type(value).__name__}")
 
 
@@ -489,17 +654,34 @@ _ALIASES: Final = {"warn": "warning", "fatal": "critical"}
 
 
 class _Invalid(Exception):
-    def __init__(self, expected: str, shown: str) -> None:
+    """A value that does not fit. ``problem`` replaces "must be <expected>, got <shown>" when
+    the value must not be shown at all."""
+
+    def __init__(self, expected: str, shown: str, problem: str | None = None) -> None:
         super().__init__(expected)
         self.expected = expected
         self.shown = shown
+        self.problem = problem
+
+    def sentence(self) -> str:
+        return self.problem or f"must be {self.expected}, got {self.shown}"
+
+
+# Bounded: a hostile file's bad value (a list of a million items) is described, not rendered.
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 2
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 4
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlong = 40
 
 
 def _show(value: object, *, secret: bool = False) -> str:
     """A bad value for an error line: never a secret, one line, bounded."""
     if secret:
         return f"a value of type {type(value).__name__}" if not isinstance(value, str) else "a bad value"
-    text = repr(value)
+    if isinstance(value, str) and looks_like_a_credential(value):
+        return "a value that holds a credential (not shown)"
+    text = " ".join(_REPR.repr(value).split())
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -580,7 +762,7 @@ def _convert(value: object, t: mi.Type, *, text: bool) -> object:
         if (
             isinstance(number, bool)
             or not isinstance(number, (int, float))
-            or not math.isfinite(number)
+            or not _finite(number)
             or not _in_bounds(number, t)
         ):
             raise invalid()
@@ -594,10 +776,24 @@ def _convert(value: object, t: mi.Type, *, text: bool) -> object:
                     return allowed
         raise invalid()
     if isinstance(t, mi.StrType):
+        if isinstance(value, str) and looks_like_a_credential(value):
+            raise _Invalid(
+                _describe(t),
+                "",
+                "looks like a connection string or holds a credential (value not shown): it is not a"
+                " secret setting and would be shown; give secrets in the secret settings"
+                " (azure.connection_string, aws.secret_access_key, aws.session_token), which are masked",
+            )
         if not isinstance(value, str) or not value or (t.pattern and not re.match(t.pattern, value)):
             raise invalid()
         return value
     if isinstance(t, mi.CustomType) and t.cls is Secret:
+        given = value.get_secret_value() if isinstance(value, Secret) else value
+        if isinstance(given, str) and _REFERENCE.match(given):
+            try:
+                parse_secret_reference(given)
+            except ConfigurationError as error:
+                raise _Invalid(_describe(t), "", f"holds a {error.message}") from None
         if isinstance(value, Secret) and value.get_secret_value():
             return value
         if isinstance(value, str) and value:
@@ -618,14 +814,12 @@ def _typed_value(key: str, leaf: _Leaf, raw: object, source: str) -> object:
             try:
                 milliseconds = _convert(raw, mi.FloatType(ge=0), text=True)
             except _Invalid as invalid:
-                raise _Invalid("a number of milliseconds >= 0", invalid.shown) from None
+                raise _Invalid("a number of milliseconds >= 0", invalid.shown, invalid.problem) from None
             assert isinstance(milliseconds, float)
             return _convert(milliseconds / 1000, t, text=False)
         return _convert(raw, t, text=text)
     except _Invalid as invalid:
-        raise ConfigurationError(
-            f"{key} from {source} must be {invalid.expected}, got {invalid.shown}"
-        ) from None
+        raise ConfigurationError(f"{key} from {source} {invalid.sentence()}") from None
 
 
 def _with_source(
@@ -738,35 +932,85 @@ def _read_config_file(path: Path, origin: str) -> Mapping[str, Any]:
             f"config file {str(path)!r} (from {origin}) must end in .toml, .yaml or .yml"
         )
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_FILE_BYTES + 1)
     except FileNotFoundError:
         raise ConfigurationError(f"config file {str(path)!r} (from {origin}) does not exist") from None
     except OSError as error:
         raise ConfigurationError(
             f"config file {str(path)!r} (from {origin}) cannot be read: {error.strerror}"
         ) from None
+    if len(raw) > MAX_CONFIG_FILE_BYTES:
+        raise ConfigurationError(
+            f"config file {str(path)!r} is over {MAX_CONFIG_FILE_BYTES // 1024} KiB: not a config file"
+        )
+    return _parse_config(raw, suffix, str(path))
+
+
+def _parse_config(raw: bytes, suffix: str, name: str) -> Mapping[str, Any]:
+    """The table of keys in ``raw`` (TOML or YAML by ``suffix``); one `ConfigurationError`
+    line for anything else, never the file's text."""
     data: object
-    if suffix == ".toml":
-        try:
-            data = tomllib.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise ConfigurationError(f"malformed config file {str(path)!r}: not UTF-8 text") from None
-        except tomllib.TOMLDecodeError as error:
-            # The message carries "(at line L, column C)" and never the file's text.
-            detail = " ".join(str(error).split())
-            raise ConfigurationError(f"malformed config file {str(path)!r}: {detail}") from None
-    else:
-        try:
-            data = yaml.safe_load(raw)
-        except yaml.YAMLError as error:
-            raise ConfigurationError(f"malformed config file {str(path)!r}: {_yaml_problem(error)}") from None
+    try:
+        if suffix == ".toml":
+            try:
+                data = tomllib.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise ConfigurationError(f"malformed config file {name!r}: not UTF-8 text") from None
+            except tomllib.TOMLDecodeError as error:
+                # The message carries "(at line L, column C)" and never the file's text.
+                detail = " ".join(str(error).split())
+                raise ConfigurationError(f"malformed config file {name!r}: {detail}") from None
+        else:
+            try:
+                data = yaml.load(raw, Loader=_StrictLoader)
+            except yaml.YAMLError as error:
+                raise ConfigurationError(f"malformed config file {name!r}: {_yaml_problem(error)}") from None
+    except RecursionError:
+        raise ConfigurationError(f"malformed config file {name!r}: nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, Mapping):
         raise ConfigurationError(
-            f"config file {str(path)!r} must hold a table of keys at the top, got {type(data).__name__}"
+            f"config file {name!r} must hold a table of keys at the top, got {type(data).__name__}"
         )
     return data
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases and duplicate keys.
+
+    * An alias (``*name``, merge keys ``<<: *name`` included) is refused where it appears:
+      aliases let a few hundred bytes stand for billions of values (an "alias bomb"), and a
+      config file has no use for them.
+    * A key given twice in one mapping is refused (YAML says keys are unique; PyYAML would
+      silently keep the last one, hiding a typo or a merge mistake).
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases (*name) are not allowed in config files", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[object] = set()
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    key = self.construct_object(key_node, deep=deep)
+                    try:
+                        duplicate = key in seen
+                        seen.add(key)
+                    except TypeError:
+                        continue  # an unhashable key: the base class reports it
+                    if duplicate:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {_show(key)}", key_node.start_mark
+                        )
+        return super().construct_mapping(node, deep=deep)
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:

@@ -71,14 +71,19 @@ def _shown(value: str, limit: int = 40) -> str:
 def validate_queue_name(name: object, system: str = "memory") -> str:
     """Return ``name`` if it is a valid queue name for ``system``, else raise `ValidationError`.
 
-    Rules: SQS 1-80 of ``[A-Za-z0-9_-]`` with ``.fifo`` allowed only as the suffix;
-    Service Bus 1-260 of letters, digits, ``. - _ /`` starting and ending with a letter or
-    digit; in-memory 1-260 of letters, digits, ``. - _`` with the same start/end rule.
+    Rules: SQS 1-80 of ``[A-Za-z0-9_-]`` with ``.fifo`` allowed only as the suffix, or a queue
+    URL (``https://sqs.REGION.amazonaws.com/ACCOUNT/NAME``, any http(s) endpoint such as a local
+    server's) whose last segment is such a name; Service Bus 1-260 of letters, digits,
+    ``. - _ /`` starting and ending with a letter or digit; in-memory 1-260 of letters, digits,
+    ``. - _`` with the same start/end rule.
     """
     if not isinstance(name, str):
         raise ValidationError(f"queue name must be a string, got {type(name).__name__}")
     if not name:
         raise ValidationError("queue name is empty")
+    if system == "aws_sqs" and "://" in name:
+        _validate_sqs_url(name)
+        return name
     if system == "aws_sqs":
         if len(name) > 80:
             raise ValidationError(f"queue name {_shown(name)} is {len(name)} characters; SQS allows 80")
@@ -97,6 +102,19 @@ def validate_queue_name(name: object, system: str = "memory") -> str:
             f"queue name {_shown(name)} is invalid: use {allowed}, starting and ending with a letter or digit"
         )
     return name
+
+
+_SQS_URL = re.compile(r"https?://[A-Za-z0-9.:\[\]-]+(?:/[A-Za-z0-9_-]+)?/([A-Za-z0-9_.-]+)/?")
+
+
+def _validate_sqs_url(url: str) -> None:
+    """An SQS queue URL: ``http(s)://HOST[:PORT]/ACCOUNT/NAME`` (NAME by the SQS name rule)."""
+    match = _SQS_URL.fullmatch(url) if len(url) <= 2048 else None
+    if match is None:
+        raise ValidationError(
+            f"queue URL {_shown(url)} is invalid: use https://sqs.REGION.amazonaws.com/ACCOUNT/NAME"
+        )
+    validate_queue_name(match.group(1), "aws_sqs")
 
 
 def validate_session_id(session_id: object, system: str = "memory") -> str:
