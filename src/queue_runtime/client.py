@@ -77,14 +77,21 @@ class QueueClient:
         """Send one message. Raises `ValidationError` / `MessageTooLarge` before any I/O."""
         await self.send_batch(queue, [message])
 
-    async def send_batch(self, queue: str, messages: Sequence[Message]) -> None:
+    async def send_batch(
+        self,
+        queue: str,
+        messages: Sequence[Message],
+        *,
+        on_sent: Callable[[Sequence[Message]], object] | None = None,
+    ) -> None:
         """Send ``messages`` in order, in chunks that fit the provider's batch limits
         (``max_batch_count`` messages and ``max_batch_bytes`` bytes, as `Provider.message_size`
         counts them).
 
         Every message is validated first (queue name, type, size with the trace context
         added): nothing is sent if any is invalid. If a chunk fails, the earlier chunks stay
-        sent and the error is raised.
+        sent and the error is raised. ``on_sent(chunk)`` is called after each chunk was sent
+        (the command line prints the ids as they go, so an interrupted send shows what went).
         """
         provider = self.provider
         provider.validate_queue_name(queue)
@@ -114,6 +121,8 @@ class QueueClient:
             return
         for chunk in _chunks(prepared, caps.max_batch_count, caps.max_batch_bytes):
             await self._send_chunk(queue, telemetry, chunk)
+            if on_sent is not None:
+                on_sent(chunk)
 
     async def _send_chunk(self, queue: str, telemetry: Telemetry, chunk: list[Message]) -> None:
         started = trio.current_time()
@@ -264,10 +273,12 @@ async def open_client(settings: Settings | None = None, **overrides: Any) -> Asy
 
     Without ``settings``, configuration is loaded with ``load_settings(**overrides)``
     (defaults < config file < environment < keyword arguments). With ``settings``, keyword
-    ``overrides`` replace its top-level fields. Raises `ConfigurationError` for bad configuration.
+    ``overrides`` replace its top-level fields. Secret references (``keyvault://``,
+    ``secretsmanager://``) are read first (`queue_runtime.providers.open_provider`). Raises
+    `ConfigurationError` for bad configuration.
     """
     from .config import load_settings
-    from .providers import create_provider
+    from .providers import open_provider
 
     if settings is None:
         settings = load_settings(**overrides)
@@ -276,6 +287,5 @@ async def open_client(settings: Settings | None = None, **overrides: Any) -> Asy
             settings = msgspec.structs.replace(settings, **overrides)
         except TypeError as error:
             raise ConfigurationError(f"cannot override settings: {error}") from None
-    provider = create_provider(settings)
-    async with provider:
+    async with open_provider(settings) as provider:
         yield QueueClient(provider)

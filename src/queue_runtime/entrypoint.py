@@ -115,7 +115,7 @@ async def serve_worker(
     provider: Provider | None = None,
     install_signal_handlers: bool = True,
     on_started: Callable[[Supervisor], None] | None = None,
-    metrics_host: str = "0.0.0.0",
+    metrics_host: str | None = None,
     queue_stats_interval: float = 15.0,
     task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED,
 ) -> SupervisorStats:
@@ -130,24 +130,45 @@ async def serve_worker(
     When ``settings.telemetry.metrics_port`` is set (``--metrics-port`` /
     ``QUEUE_METRICS_PORT``), Prometheus is set up (`telemetry.setup_prometheus`, needs the
     ``otel`` extra) and ``/metrics``, ``/healthz``, ``/readyz`` are served on ``metrics_host``
-    from before the queue is checked until the drain ends (``/readyz`` is 200 only while the
-    supervisor accepts work), and the queue-depth gauges are refreshed every
-    ``queue_stats_interval`` seconds. A port that cannot be bound raises `ConfigurationError`
-    before anything is received.
+    (default ``settings.telemetry.metrics_host``, 127.0.0.1) from before the queue is checked
+    until the drain ends (``/readyz`` is 200 only while the supervisor accepts work), and the
+    queue-depth gauges are refreshed every ``queue_stats_interval`` seconds. A port that cannot
+    be bound raises `ConfigurationError` before anything is received.
+
+    Secret references in ``settings`` (``keyvault://``, ``secretsmanager://``) are read before
+    the provider is built (a failure stops start-up), then re-read every
+    ``secrets.refresh_interval`` and at once when the broker refuses a credential; the
+    provider uses a changed value for its next connection, without a restart and without
+    dropping a session (`queue_runtime.secrets`). With ``provider`` given, the caller owns
+    its credentials and nothing is re-read.
+
+    A queue without sessions (a standard SQS queue, a Service Bus queue without sessions) is
+    served with messages handled concurrently, in no order, and a WARNING says so.
 
     Cancellation: cancelling this call cancels the supervisor (nothing is settled, sessions
     are handed back) and the endpoints, then closes an owned provider, shielded.
     """
     from .providers import create_provider
+    from .secrets import SecretResolver
 
     config = settings.supervisor_config()
     metrics_port = settings.telemetry.metrics_port
+    host = metrics_host if metrics_host is not None else settings.telemetry.metrics_host
     if metrics_port is not None:
         from .telemetry import setup_prometheus
 
         setup_prometheus()  # before the supervisor creates its instruments
     owned = provider is None
-    provider = provider if provider is not None else create_provider(settings)
+    resolver: SecretResolver | None = None
+    if provider is None:
+        resolver = SecretResolver(settings)
+        try:
+            if resolver.references:
+                settings = await resolver.load()
+            provider = create_provider(settings, credentials=resolver if resolver.references else None)
+        except BaseException:
+            await resolver.aclose()
+            raise
     try:
         supervisor = Supervisor(provider, actor, config)
         async with trio.open_nursery() as nursery:
@@ -160,10 +181,12 @@ async def serve_worker(
 
             if install_signal_handlers:
                 nursery.start_soon(watch_signals)
+            if resolver is not None and resolver.references:
+                nursery.start_soon(resolver.run)
             if metrics_port is not None:
                 # Up before the queue check, so liveness answers (and readiness says 503)
                 # while start-up retries a slow broker.
-                await _start_endpoints(nursery, supervisor, metrics_host, metrics_port)
+                await _start_endpoints(nursery, supervisor, host, metrics_port)
 
             drained = False
 
@@ -174,6 +197,11 @@ async def serve_worker(
                 nursery.cancel_scope.cancel()  # drained: stop the signal watcher and endpoints
 
             await nursery.start(serve)
+            info = supervisor.queue_info
+            if info is not None and not info.requires_session:
+                supervisor.telemetry.log(
+                    logging.WARNING, _no_sessions(config.queue, provider.system), operation="receive"
+                )
             if metrics_port is not None:
                 # After the queue check: a missing queue is one start-up error, not also a
                 # stats warning.
@@ -216,6 +244,17 @@ async def serve_worker(
         if owned:
             with trio.CancelScope(shield=True):
                 await provider.aclose()
+        if resolver is not None:
+            await resolver.aclose()
+
+
+def _no_sessions(queue: str, system: str) -> str:
+    """The start-up WARNING for a queue without sessions (`config validate` notes the same)."""
+    what = "a standard SQS queue" if system == "aws_sqs" else "a queue without sessions"
+    return (
+        f"queue {queue!r} is {what}: it has no sessions, so messages are handled concurrently,"
+        " in no order (use a session queue, on SQS a .fifo queue, for per-session order)"
+    )
 
 
 async def _watch_signals(supervisor: Supervisor) -> signal.Signals:

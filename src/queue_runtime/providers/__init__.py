@@ -17,16 +17,19 @@ their SDKs.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigurationError
 
 if TYPE_CHECKING:
     from ..config import Settings
+    from ..secrets import CredentialSource
     from .base import Provider
 
-__all__ = ["create_provider"]
+__all__ = ["create_provider", "open_provider"]
 
 # provider name -> (module in this package, class name, pip extra, the extra's SDK modules).
 # The SDK modules are imported up front because an adapter may import its SDK only when it
@@ -37,14 +40,25 @@ _CLOUD: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
 }
 
 
-def create_provider(settings: Settings) -> Provider:
+def create_provider(settings: Settings, *, credentials: CredentialSource | None = None) -> Provider:
     """Build the provider `Settings.provider` names, configured from ``settings``.
 
     Nothing is connected yet: a provider opens its connections when entered (``async with``)
     or on first use, as its own docs say. Raises `ConfigurationError` for an unknown provider,
     or when the provider's extra is not installed
     (``provider 'aws' needs the aws extra: pip install 'queue-runtime[aws]'``).
+
+    The provider's secret settings must be values, not references: `open_provider` reads the
+    references first. With ``credentials`` (a `queue_runtime.secrets.SecretResolver`) the
+    cloud providers follow rotation: after a refused credential they ask it to re-read the
+    secrets, and each new connection uses its latest values.
     """
+    unresolved = _unresolved(settings)
+    if unresolved:
+        raise ConfigurationError(
+            f"{unresolved} is a secret reference: read it first (queue_runtime.providers.open_provider"
+            " or queue_runtime.secrets.SecretResolver)"
+        )
     if settings.provider == "memory":
         from .memory import InMemoryProvider
 
@@ -70,5 +84,48 @@ def create_provider(settings: Settings) -> Provider:
             f"provider {settings.provider!r} needs the {extra} extra: pip install 'queue-runtime[{extra}]'"
         ) from error
     provider_class = getattr(module, class_name)
-    provider: Provider = provider_class.from_settings(settings)
+    provider: Provider = (
+        provider_class.from_settings(settings)
+        if credentials is None
+        else provider_class.from_settings(settings, credentials=credentials)
+    )
     return provider
+
+
+# The secret settings each provider reads.
+_PROVIDER_SECRETS = {
+    "aws": ("aws.secret_access_key", "aws.session_token"),
+    "azure": ("azure.connection_string",),
+}
+
+
+def _unresolved(settings: Settings) -> str | None:
+    """The first secret setting of the chosen provider that still holds a reference."""
+    for key, secret in settings.secret_settings().items():
+        if key in _PROVIDER_SECRETS.get(settings.provider, ()) and secret.is_reference:
+            return key
+    return None
+
+
+@contextlib.asynccontextmanager
+async def open_provider(settings: Settings) -> AsyncIterator[Provider]:
+    """The provider `create_provider` builds, entered, with its secret references read first
+    (`queue_runtime.secrets.SecretResolver`; a credential refused later makes it re-read them).
+    The provider and the secret stores' clients are closed on exit. For one-off work (the
+    operator commands, `queue_runtime.client.open_client`); a worker also re-reads them
+    periodically (`queue_runtime.entrypoint.serve_worker`).
+
+    Raises `ConfigurationError` (bad reference, missing extra, no such secret),
+    `AuthenticationFailed` or `ConnectionFailed` when a reference cannot be read.
+    """
+    from ..secrets import SecretResolver
+
+    resolver = SecretResolver(settings)
+    try:
+        if resolver.references:
+            settings = await resolver.load()
+        provider = create_provider(settings, credentials=resolver if resolver.references else None)
+        async with provider:
+            yield provider
+    finally:
+        await resolver.aclose()

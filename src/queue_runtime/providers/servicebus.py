@@ -28,7 +28,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -54,6 +54,7 @@ from .base import Capabilities, Provider, QueueInfo, QueueStats, Receiver
 
 if TYPE_CHECKING:
     from ..config import Settings
+    from ..secrets import CredentialSource
 
 __all__ = ["PREMIUM_MAX_MESSAGE_SIZE", "STANDARD_MAX_MESSAGE_SIZE", "ServiceBusProvider", "redact"]
 
@@ -214,6 +215,13 @@ class ServiceBusProvider(Provider):
     (Standard); pass `PREMIUM_MAX_MESSAGE_SIZE` for Premium. ``operation_timeout`` bounds
     each SDK call in real seconds (``accept_session`` and ``receive`` add their wait).
     ``retry_total`` is the SDK's own retry count per call (small: the runtime retries too).
+
+    ``credentials`` (a `queue_runtime.secrets.SecretResolver`) makes the provider follow a
+    rotated connection string: when the broker refuses the credential it asks for a re-read,
+    and when the connection string changed (then, or at a periodic re-read) the next call
+    builds a new client with it; the refused error is then transient, so callers retry.
+    Receivers and senders already open keep the old client (their links stay authorised
+    until they close): live sessions are not dropped. Old clients are closed with the provider.
     """
 
     def __init__(
@@ -230,6 +238,7 @@ class ServiceBusProvider(Provider):
         operation_timeout: float = 60.0,
         retry_total: int = 2,
         cancel_grace: float = 5.0,
+        credentials: CredentialSource | None = None,
     ) -> None:
         if client_factory is None and not connection_string and not fully_qualified_namespace:
             raise ConfigurationError(
@@ -273,9 +282,13 @@ class ServiceBusProvider(Provider):
         self._requires_session: dict[str, bool | None] = {}
         self._receivers: set[_ServiceBusReceiver] = set()
         self._closed = False
+        self._credentials = credentials
+        self._retired: list[Any] = []  # clients (and their senders) of rotated-away credentials
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ServiceBusProvider:
+    def from_settings(
+        cls, settings: Settings, *, credentials: CredentialSource | None = None
+    ) -> ServiceBusProvider:
         """Build from `Settings.azure`: the connection string when set, else the namespace
         with azure-identity (``client_id`` picks a user-assigned managed identity)."""
         azure = settings.azure
@@ -285,6 +298,7 @@ class ServiceBusProvider(Provider):
             fully_qualified_namespace=azure.fully_qualified_namespace,
             client_id=azure.client_id,
             tenant_id=azure.tenant_id,
+            credentials=credentials,
         )
 
     def __repr__(self) -> str:
@@ -300,9 +314,6 @@ class ServiceBusProvider(Provider):
         return map_error(
             exc, operation=operation, queue=queue, secrets=(self._secret, self._connection_string)
         )
-
-    def _raise(self, exc: BaseException, operation: str, queue: str | None = None) -> NoReturn:
-        raise self._map(exc, operation, queue) from None
 
     async def _call(
         self,
@@ -321,12 +332,38 @@ class ServiceBusProvider(Provider):
         except QueueError:
             raise
         except Exception as exc:
-            self._raise(exc, operation, queue)
+            error = self._map(exc, operation, queue)
+        if isinstance(error, AuthenticationFailed) and self._credentials is not None:
+            # A rotated key? Re-read the secrets; if the connection string changed, the next
+            # call connects with the new one, so this failure is worth retrying.
+            await self._credentials.refresh_after_failure()
+            if self._rotated():
+                error.transient = True
+        raise error from None
+
+    def _rotated(self) -> bool:
+        """Whether the credential source holds a connection string other than the one in use."""
+        if self._credentials is None:
+            return False
+        secret = self._credentials.settings.azure.connection_string
+        value = secret.get_secret_value() if secret is not None else None
+        return bool(value) and value != self._connection_string
 
     async def _ensure_client(self) -> Any:
-        if self._client is not None:
+        if self._client is not None and not self._rotated():
             return self._client
         async with self._client_lock:
+            if self._rotated():
+                # New links use a client with the new connection string; open receivers and
+                # in-flight calls keep the old one (closed with the provider).
+                secret = self._credentials.settings.azure.connection_string  # type: ignore[union-attr]
+                assert secret is not None
+                self._connection_string = secret.get_secret_value()
+                self._secret = _key_of(self._connection_string)
+                old = [self._client, self._admin, *self._senders.values()]
+                self._retired.extend(handle for handle in old if handle is not None)
+                self._client = self._admin = None
+                self._senders.clear()
             if self._client is None:
                 self._client = await self._call("connect", None, self._create_client)
         return self._client
@@ -644,9 +681,10 @@ class ServiceBusProvider(Provider):
         receivers = list(self._receivers)
         senders = list(self._senders.values())
         client, admin, credential = self._client, self._admin, self._owned_credential
+        retired, self._retired = self._retired, []
 
         async def close_all() -> None:
-            for handle in [*(r._sdk for r in receivers), *senders, admin, client, credential]:
+            for handle in [*(r._sdk for r in receivers), *senders, admin, client, *retired, credential]:
                 if handle is None:
                     continue
                 try:

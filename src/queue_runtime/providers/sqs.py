@@ -79,6 +79,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from ..errors import (
+    AuthenticationFailed,
     ConfigurationError,
     ConnectionFailed,
     InvalidReceipt,
@@ -97,6 +98,7 @@ from .base import Capabilities, Provider, QueueInfo, QueueStats, Receiver
 
 if TYPE_CHECKING:
     from ..config import Settings
+    from ..secrets import CredentialSource
 
 __all__ = ["SqsProvider"]
 
@@ -211,6 +213,12 @@ class SqsProvider(Provider):
 
     ``api_calls`` counts SQS API calls by operation name (for tests and diagnostics);
     ``delete_failures`` counts deletes SQS refused during a flush.
+
+    ``credentials`` (a `queue_runtime.secrets.SecretResolver`) makes the provider follow
+    rotated keys (``aws.access_key_id``, ``aws.secret_access_key``, ``aws.session_token``):
+    after SQS refused a credential it asks for a re-read, and once the keys changed (then, or
+    at a periodic re-read) the next call uses a new client with them; the refused error is
+    then transient, so callers retry. The old client is closed with the provider.
     """
 
     def __init__(
@@ -229,6 +237,7 @@ class SqsProvider(Provider):
         max_pending_age: float = 60.0,
         connect_timeout: float = 5.0,
         close_timeout: float = 10.0,
+        credentials: CredentialSource | None = None,
     ) -> None:
         if visibility_timeout is not None and visibility_timeout <= 0:
             visibility_timeout = None  # 0 = "use the queue's own setting"
@@ -263,6 +272,8 @@ class SqsProvider(Provider):
         self._states: dict[str, _QueueState] = {}
         self.api_calls: collections.Counter[str] = collections.Counter()
         self.delete_failures = 0
+        self._credentials = credentials
+        self._retired: list[Any] = []  # client context managers of rotated-away keys
 
     capabilities = Capabilities(
         system="aws_sqs",
@@ -279,7 +290,7 @@ class SqsProvider(Provider):
     )
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> SqsProvider:
+    def from_settings(cls, settings: Settings, *, credentials: CredentialSource | None = None) -> SqsProvider:
         """Build from `Settings` (``aws.*``, ``visibility_timeout``, ``dlq_name``)."""
         aws = getattr(settings, "aws", None)
         visibility = getattr(settings, "visibility_timeout", None)
@@ -294,6 +305,7 @@ class SqsProvider(Provider):
             visibility_timeout=float(visibility) if visibility else None,
             wait_time=min(float(receive_timeout), MAX_WAIT) if receive_timeout is not None else MAX_WAIT,
             dead_letter_queue=getattr(settings, "dlq_name", None),
+            credentials=credentials,
         )
 
     def __repr__(self) -> str:
@@ -319,12 +331,29 @@ class SqsProvider(Provider):
             retries={"max_attempts": 2, "mode": "standard"},
         )
 
+    def _keys(self) -> tuple[str | None, str | None, str | None] | None:
+        """The credential source's current keys when they differ from those in use, else None."""
+        if self._credentials is None:
+            return None
+        aws = self._credentials.settings.aws
+        keys = (aws.access_key_id, _secret_value(aws.secret_access_key), _secret_value(aws.session_token))
+        return keys if keys != (self._access_key_id, self._secret_access_key, self._session_token) else None
+
     async def _get_client(self) -> Any:
-        if self._client is not None:
+        if self._client is not None and self._credentials is None:
             return self._client
         if self._closed:
             raise ConfigurationError("the SQS provider is closed")
+        if self._client is not None and self._keys() is None:
+            return self._client
         async with self._client_lock:
+            keys = self._keys()
+            if keys is not None:
+                # Rotated: calls from now on use a new client; in-flight ones finish on the old.
+                self._access_key_id, self._secret_access_key, self._session_token = keys
+                if self._client_cm is not None:
+                    self._retired.append(self._client_cm)
+                self._client = self._client_cm = None
             if self._client is None:
                 try:
                     self._client = await self._open_client()
@@ -376,8 +405,15 @@ class SqsProvider(Provider):
         except QueueError:
             raise
         except Exception as exc:
-            raise map_error(exc, operation=operation, queue=queue) from None
-        return response
+            error = map_error(exc, operation=operation, queue=queue)
+        else:
+            return response
+        if isinstance(error, AuthenticationFailed) and self._credentials is not None:
+            # Rotated keys? Re-read the secrets; when they changed, the next call uses them.
+            await self._credentials.refresh_after_failure()
+            if self._keys() is not None:
+                error.transient = True
+        raise error from None
 
     # -- queue metadata ----------------------------------------------------------------------
     async def _queue_meta(self, queue: str, *, refresh: bool = False) -> _QueueMeta:
@@ -657,13 +693,16 @@ class SqsProvider(Provider):
                 with contextlib.suppress(QueueError):
                     await self._release(state.meta, records)
         client_cm, self._client_cm, self._client = self._client_cm, None, None
-        if client_cm is not None:
+        retired, self._retired = self._retired, []
+        for cm in [client_cm, *retired]:
+            if cm is None:
+                continue
             with (
                 trio.CancelScope(shield=True),
                 trio.move_on_after(self._close_timeout),
                 contextlib.suppress(Exception),
             ):
-                await client_cm.__aexit__(None, None, None)
+                await cm.__aexit__(None, None, None)
 
     # -- shared receiving machinery ----------------------------------------------------------
     async def _receive_raw(
