@@ -464,10 +464,14 @@ def test_config_validate_ok_and_problems_one_per_line(
     code, out, err = run("config", "validate", "--queue", "plain")
     assert code == 1
     problems = err.splitlines()
-    assert len(problems) == 2
-    assert "not a FIFO queue" in problems[0] and "aws.region is not set" in problems[1]
+    assert len(problems) == 1
+    assert "aws.region is not set" in problems[0]
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
     assert run("config", "validate", "--queue", "orders.fifo")[0] == 0
+    # A standard queue is valid: the worker serves it without sessions, and both say so.
+    code, out, err = run("config", "validate", "--queue", "plain")
+    assert code == 0 and out.startswith("configuration is valid")
+    assert err.startswith("queue-runtime: note: queue 'plain' is a standard SQS queue")
 
 
 def test_help_text_contains_examples(capsys: pytest.CaptureFixture[str]) -> None:

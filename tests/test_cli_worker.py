@@ -68,7 +68,7 @@ ERRORS = [
     (["bad_syntax:X"], 2, "cannot import module 'bad_syntax': SyntaxError"),
     (["good_actors:Missing"], 2, "module 'good_actors' has no attribute 'Missing'"),
     (["good_actors:NotAnActor"], 2, "good_actors:NotAnActor is a class, not a SessionActor subclass"),
-    (["good_actors:VALUE"], 2, "good_actors:VALUE is a int, not a SessionActor subclass"),
+    (["good_actors:VALUE"], 2, "good_actors:VALUE is an int, not a SessionActor subclass"),
     (["good_actors:NoHandle"], 2, "does not implement handle()"),
     (["good_actors:Echo"], 2, "queue is not set: pass --queue NAME"),
     (["good_actors:Echo", "-q", "q", "--provider", "gcp"], 2, "invalid choice: 'gcp'"),

@@ -31,6 +31,10 @@ from .common import CommandError
 __all__ = ["DemoActor", "DemoEvent", "DemoPlan", "Ledger", "make_plan", "register", "run_demo"]
 
 QUEUE: Final = "demo-orders"
+#: Bounds of the demo's size: it holds every planned body in memory (about 200 bytes each).
+MAX_SESSIONS: Final = 100_000
+MAX_EVENTS: Final = 100_000
+MAX_MESSAGES: Final = 2_000_000
 #: The runtime's poison limit in the demo (the broker's own is higher, so the runtime decides).
 MAX_DELIVERY_COUNT: Final = 3
 #: ``handle()`` calls per message in the demo (the first and two in-place retries).
@@ -207,9 +211,18 @@ def register(subparsers: Any) -> None:
             "and completed + dead-lettered == sent."
         ),
     )
-    parser.add_argument("--sessions", type=_positive("--sessions"), default=200, help="orders (default 200)")
     parser.add_argument(
-        "--events", type=_positive("--events"), default=50, help="events per order (default 50)"
+        "--sessions",
+        type=_positive("--sessions", MAX_SESSIONS),
+        default=200,
+        help=f"orders (default 200, at most {MAX_SESSIONS:,})",
+    )
+    parser.add_argument(
+        "--events",
+        type=_positive("--events", MAX_EVENTS),
+        default=50,
+        help=f"events per order (default 50, at most {MAX_EVENTS:,};"
+        f" sessions x events at most {MAX_MESSAGES:,})",
     )
     parser.add_argument("--seed", type=int, default=7, help="random seed for the plan (default 7)")
     parser.add_argument(
@@ -219,7 +232,9 @@ def register(subparsers: Any) -> None:
         metavar="SECONDS",
         help="max simulated handler latency, uniform from 0 (default 0.06)",
     )
-    parser.add_argument("--max-sessions", type=_positive("--max-sessions"), default=64, help="default 64")
+    parser.add_argument(
+        "--max-sessions", type=_positive("--max-sessions", MAX_SESSIONS), default=64, help="default 64"
+    )
     parser.add_argument(
         "--no-live", action="store_true", help="plain progress lines instead of a live display"
     )
@@ -228,14 +243,18 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=run_demo)
 
 
-def _positive(flag: str) -> Callable[[str], int]:
+def _positive(flag: str, maximum: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
-            value = int(text)
+            value = int(text) if len(text) <= 40 else None
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text[:40]!r}") from None
+            value = None
+        if value is None:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text[:40]!r}")
         if value < 1:
             raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum:,}, got {value:,}")
         return value
 
     parse.__name__ = "integer"
@@ -246,6 +265,16 @@ def run_demo(args: argparse.Namespace) -> int:
     """The ``demo`` command: 0 when ordering held and the counts add up, else 1."""
     if not (args.latency >= 0 and args.latency < 10):
         raise CommandError(f"--latency must be between 0 and 10 seconds, got {args.latency!r}", 2)
+    if not (args.timeout > 0 and args.timeout <= 86_400):
+        raise CommandError(
+            f"--timeout must be more than 0 and at most 86400 seconds, got {args.timeout!r}", 2
+        )
+    if args.sessions * args.events > MAX_MESSAGES:
+        raise CommandError(
+            f"--sessions {args.sessions:,} x --events {args.events:,} is"
+            f" {args.sessions * args.events:,} messages; the demo runs at most {MAX_MESSAGES:,}",
+            2,
+        )
     plan = make_plan(args.sessions, args.events, args.seed)
     live = sys.stdout.isatty() and not args.no_live
     # Runtime logs would tear the live display; dead-letters are in the summary instead.

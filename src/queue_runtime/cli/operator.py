@@ -15,6 +15,11 @@ Guarantees:
   (`QueueClient.replay_dead_letters`), so a message is never lost; a failed send leaves the
   message dead-lettered and makes the command exit 1.
 * Message bodies are never printed except by ``dlq export`` (into its file).
+* Text from a broker or a user is shown literally (never as rich markup), and everything
+  printed passes through `queue_runtime.redaction.redact` (configured secrets, credential
+  patterns); dead-letter reasons and descriptions are redacted in exports too.
+* Every command that talks to the broker has a deadline (``--timeout``): a broker that never
+  answers ends the command with one line, exit 1.
 
 Testing hook: the in-memory broker lives inside one process, and each command runs its own
 ``trio.run``. `use_provider` makes every command in its ``with`` block use one given provider
@@ -28,7 +33,9 @@ import argparse
 import base64
 import contextlib
 import json
+import math
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -40,11 +47,13 @@ import trio
 from ..client import QueueClient, ReplayOutcome
 from ..errors import ConfigurationError, QueueError
 from ..message import Message, ReceivedMessage
-from .common import CommandError, Parser, add_config_flags, load_cli_settings
+from ..redaction import redact
+from .common import CommandError, Parser, add_config_flags, command_logging, load_cli_settings
 
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress
+    from rich.text import Text
 
     from ..config import Settings
     from ..providers.base import Provider, QueueStats
@@ -72,6 +81,16 @@ _SEND_CHUNK = 500
 #: ``dlq export`` default ``--max``: large enough for a day's dead letters, bounded because
 #: a peek holds every message in memory at once.
 EXPORT_DEFAULT_MAX = 10_000
+#: Largest ``--max`` of ``dlq peek`` (a table longer than this helps nobody; use export),
+#: ``dlq export`` (held in memory at once) and ``dlq replay`` (streamed).
+MAX_PEEK = 10_000
+MAX_EXPORT = 100_000
+MAX_REPLAY = 1_000_000
+#: Default ``--timeout`` of the quick commands (stats, peek, purge) and of the long ones
+#: (send, export, replay): seconds for the whole command, broker calls and retries included.
+QUICK_TIMEOUT = 60.0
+LONG_TIMEOUT = 600.0
+MAX_TIMEOUT = 86_400.0
 
 # --------------------------------------------------------------------------------------------
 # test hook and running
@@ -107,11 +126,24 @@ def use_provider(provider: Provider, *, clock: trio.abc.Clock | None = None) -> 
         _override = None
 
 
-def _run(fn: Callable[[], Awaitable[T]]) -> T:
-    """Run ``fn`` in a fresh ``trio.run`` (on the test clock when one is set)."""
+def _run(fn: Callable[[], Awaitable[T]], args: argparse.Namespace, *, timeout: float | None = None) -> T:
+    """Run ``fn`` in a fresh ``trio.run`` (on the test clock when one is set), within the
+    command's deadline (``--timeout``, or ``timeout``): past it, everything is cancelled
+    (the provider closes, shielded and bounded) and `CommandError` is raised, exit 1."""
+    seconds = timeout if timeout is not None else getattr(args, "timeout", None)
 
     async def main() -> T:
-        return await fn()
+        if seconds is None:
+            return await fn()
+        with trio.move_on_after(seconds) as scope:
+            return await fn()
+        assert scope.cancelled_caught
+        command = getattr(args, "command", "the command")
+        raise CommandError(
+            f"{command} did not finish within {seconds:g} s (--timeout): the broker did not answer in"
+            " time; check the endpoint and the network, or give a longer --timeout",
+            1,
+        )
 
     clock = _override.clock if _override is not None else None
     return trio.run(main, clock=clock)
@@ -119,14 +151,14 @@ def _run(fn: Callable[[], Awaitable[T]]) -> T:
 
 @contextlib.asynccontextmanager
 async def _open_provider(settings: Settings) -> AsyncIterator[Provider]:
-    """The configured provider, closed on exit (the test override is used as is, not closed)."""
+    """The configured provider, its secret references read first, closed on exit (the test
+    override is used as is, not closed)."""
     if _override is not None:
         yield _override.provider
         return
-    from ..providers import create_provider
+    from ..providers import open_provider
 
-    provider = create_provider(settings)
-    async with provider:
+    async with open_provider(settings) as provider:
         yield provider
 
 
@@ -144,24 +176,64 @@ def _settings(args: argparse.Namespace, *, need_queue: bool = True) -> tuple[Set
 
 def _int_type(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
+        shown = _shown_arg(text)
         try:
-            value = int(text.strip())
+            value = int(text.strip()) if len(text) <= 40 else None
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+            value = None
+        if value is None:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {shown}")
         if value < minimum or (maximum is not None and value > maximum):
             bound = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
-            raise argparse.ArgumentTypeError(f"expected an integer {bound}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected an integer {bound}, got {shown}")
         return value
 
     parse.__name__ = "integer"
     return parse
 
 
+def _seconds(text: str) -> float:
+    """``--timeout``: seconds, more than 0 and at most a day."""
+    try:
+        value = float(text) if len(text) <= 40 else math.nan
+    except ValueError:
+        value = math.nan
+    if not (0 < value <= MAX_TIMEOUT):
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds > 0 and <= {MAX_TIMEOUT:g}, got {_shown_arg(text)}"
+        )
+    return value
+
+
+_seconds.__name__ = "seconds"
+
+
+def _shown_arg(text: str) -> str:
+    """A bad argument for an error line: bounded, non-printables escaped."""
+    return repr(text if len(text) <= 40 else text[:40] + "...")
+
+
+def _utf8(text: str | None, flag: str) -> str | None:
+    """``text`` if it is valid Unicode text; a command-line argument holding bytes that are not
+    UTF-8 (Python hands them over as surrogates) is a usage error."""
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CommandError(f"{flag} is not valid UTF-8 text", 2) from None
+    return text
+
+
 def parse_property(text: str) -> tuple[str, str]:
     """``KEY=VALUE`` → ``(KEY, VALUE)``; the value may contain ``=`` and be empty."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {_shown_arg(text)}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{_shown_arg(key)}: not valid UTF-8 text") from None
     return key.strip(), value
 
 
@@ -197,7 +269,7 @@ def _progress(description: str, total: int | None) -> Iterator[Callable[[int], N
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     progress: Progress = Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -229,8 +301,14 @@ def export_record(dead: ReceivedMessage, *, body: bool = True) -> dict[str, Any]
         "message_id": message.message_id,
         "session_id": message.session_id,
         "correlation_id": message.correlation_id,
-        "reason": dead.dead_letter_reason,
-        "description": dead.dead_letter_description,
+        # Reasons and descriptions are the runtime's (or an older version's) words: redacted,
+        # in case a handler's exception text echoed a credential before it was masked.
+        "reason": redact(dead.dead_letter_reason) if dead.dead_letter_reason else dead.dead_letter_reason,
+        "description": (
+            redact(dead.dead_letter_description)
+            if dead.dead_letter_description
+            else dead.dead_letter_description
+        ),
         "delivery_count": dead.delivery_count,
         "enqueued_at": _iso(dead.enqueued_at),
         # As a string: SQS sequence numbers (20 digits) do not survive JSON readers that use
@@ -272,6 +350,14 @@ def _count(value: int | None) -> str:
     return "unknown" if value is None else str(value)
 
 
+def _literal(value: object) -> Text:
+    """``value`` as rich text shown exactly as it is: broker and user text is never markup
+    (``[/x]``), never an emoji code (``:smile:``), and redacted."""
+    from rich.text import Text
+
+    return Text(redact(str(value)))
+
+
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=False))
 
@@ -302,7 +388,8 @@ def _command(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse
 
     def run(args: argparse.Namespace) -> int:
         try:
-            return handler(args)
+            with command_logging(bool(getattr(args, "debug", False))):
+                return handler(args)
         except BrokenPipeError:
             # Python would complain again when it flushes stdout at exit: point it at devnull.
             with contextlib.suppress(OSError, ValueError, AttributeError):
@@ -320,7 +407,9 @@ def _command(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse
 
 def _read_body(args: argparse.Namespace) -> bytes:
     if args.body is not None:
-        return str(args.body).encode("utf-8")
+        # Bytes on the command line that are not UTF-8 reach Python as surrogates:
+        # "surrogateescape" gives back exactly the bytes that were typed.
+        return str(args.body).encode("utf-8", "surrogateescape")
     if args.file is not None and args.file != "-":
         path = Path(args.file)
         try:
@@ -358,9 +447,9 @@ def _cmd_send(args: argparse.Namespace) -> int:
     template = Message(
         body=body,
         session_id=args.session_id,
-        correlation_id=args.correlation_id,
+        correlation_id=_utf8(args.correlation_id, "--correlation-id"),
         properties=properties,
-        content_type=args.content_type,
+        content_type=_utf8(args.content_type, "--content-type"),
     )
 
     def copies(count: int) -> list[Message]:
@@ -375,6 +464,11 @@ def _cmd_send(args: argparse.Namespace) -> int:
             for _ in range(count)
         ]
 
+    def sent(chunk: Sequence[Message]) -> None:
+        # Printed as each provider batch is sent, and only then: the ids on stdout are exactly
+        # the messages sent, also when the command is interrupted or a later batch fails.
+        print("\n".join(message.message_id for message in chunk), flush=True)
+
     async def send() -> None:
         async with _open_provider(settings) as provider:
             client = QueueClient(provider)
@@ -384,12 +478,10 @@ def _cmd_send(args: argparse.Namespace) -> int:
                 chunk = [template] if first else []
                 chunk += copies(min(remaining, _SEND_CHUNK) - len(chunk))
                 first = False
-                await client.send_batch(queue, chunk)
-                # Printed only once sent: the ids on stdout are exactly the messages sent.
-                print("\n".join(message.message_id for message in chunk), flush=True)
+                await client.send_batch(queue, chunk, on_sent=sent)
                 remaining -= len(chunk)
 
-    _run(send)
+    _run(send, args)
     if settings.provider == "memory" and _override is None:
         print(
             "queue-runtime: note: the memory provider keeps messages inside this process only;"
@@ -410,7 +502,7 @@ def _cmd_dlq_peek(args: argparse.Namespace) -> int:
         async with _open_provider(settings) as provider:
             return await QueueClient(provider).peek_dead_letters(queue, args.max)
 
-    messages = _run(peek)
+    messages = _run(peek, args)
     if args.json:
         _print_json([export_record(dead, body=False) for dead in messages])
         return 0
@@ -419,15 +511,15 @@ def _cmd_dlq_peek(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    table = Table(title=f"dead letters of {queue!r} (oldest first, {len(messages)} shown)")
+    table = Table(title=_literal(f"dead letters of {queue!r} (oldest first, {len(messages)} shown)"))
     for column in ("message id", "session id", "reason", "description", "deliveries", "enqueued"):
         table.add_column(column, overflow="fold")
     for dead in messages:
         table.add_row(
-            dead.message_id,
-            dead.session_id or "",
-            dead.dead_letter_reason or "",
-            dead.dead_letter_description or "",
+            _literal(dead.message_id),
+            _literal(dead.session_id or ""),
+            _literal(dead.dead_letter_reason or ""),
+            _literal(dead.dead_letter_description or ""),
             str(dead.delivery_count),
             _iso(dead.enqueued_at) or "",
         )
@@ -435,26 +527,77 @@ def _cmd_dlq_peek(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_target(out: Path) -> tuple[Path, bool]:
+    """Where ``dlq export`` writes, and whether in place: a regular file (or a new one) is
+    replaced atomically, through a symlink its target (the link stays); anything else that
+    exists (a FIFO, a character device such as ``/dev/stdout``) is written in place, never
+    replaced. A directory or a dangling symlink is refused (exit 2)."""
+    try:
+        info = os.stat(out)  # follows symlinks
+    except FileNotFoundError:
+        if out.is_symlink():
+            raise CommandError(
+                f"--out {str(out)!r} is a symlink to {os.readlink(out)!r}, which does not exist", 2
+            ) from None
+        info = None
+    except OSError as error:
+        raise CommandError(f"--out {str(out)!r}: {error.strerror or error}", 2) from None
+    if info is not None and stat.S_ISDIR(info.st_mode):
+        raise CommandError(f"--out {str(out)!r} is a directory: give a file name", 2)
+    if info is not None and not stat.S_ISREG(info.st_mode):
+        return out, True
+    target = Path(os.path.realpath(out)) if out.is_symlink() else out
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise CommandError(f"--out {str(out)!r}: the directory {str(parent)!r} does not exist", 2)
+    return target, False
+
+
 def _cmd_dlq_export(args: argparse.Namespace) -> int:
     settings, queue = _settings(args)
     out = Path(args.out)
-    if out.is_dir():
-        raise CommandError(f"--out {str(out)!r} is a directory: give a file name", 2)
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise CommandError(f"--out {str(out)!r}: the directory {str(parent)!r} does not exist", 2)
+    target, in_place = _export_target(out)
 
     async def peek() -> list[ReceivedMessage]:
         async with _open_provider(settings) as provider:
             return await QueueClient(provider).peek_dead_letters(queue, args.max)
 
     with _progress(f"reading dead letters of {queue}", None):
-        messages = _run(peek)
+        messages = _run(peek, args)
     with _progress(f"exporting to {out.name}", len(messages)) as advance:
-        _write_atomically(out, messages, advance)
+        if in_place:
+            _write_in_place(out, messages, advance)
+        else:
+            _write_atomically(target, messages, advance)
     more = " (the --max limit: there may be more)" if len(messages) >= args.max else ""
-    print(f"exported {len(messages)} dead-lettered messages of {queue!r} to {str(out)!r}{more}")
+    # Written into a stream (/dev/stdout, a pipe): the summary goes to stderr, not into the data.
+    print(
+        f"exported {len(messages)} dead-lettered messages of {queue!r} to {str(out)!r}{more}",
+        file=sys.stderr if in_place else sys.stdout,
+    )
     return 0
+
+
+def _export_lines(
+    messages: Sequence[ReceivedMessage], advance: Callable[[int], None] | None
+) -> Iterator[bytes]:
+    for index, dead in enumerate(messages):
+        line = json.dumps(export_record(dead), ensure_ascii=False, separators=(",", ":"))
+        yield line.encode("utf-8") + b"\n"
+        if advance is not None and (index % 100 == 99 or index == len(messages) - 1):
+            advance(index % 100 + 1)
+
+
+def _write_in_place(
+    out: Path, messages: Sequence[ReceivedMessage], advance: Callable[[int], None] | None
+) -> None:
+    """Write the export into an existing special file (FIFO, character device) as it is."""
+    try:
+        with open(out, "wb") as handle:
+            for line in _export_lines(messages, advance):
+                handle.write(line)
+    except OSError as error:
+        raise CommandError(f"cannot write {str(out)!r}: {error.strerror or error}", 1) from None
 
 
 def _write_atomically(
@@ -470,11 +613,8 @@ def _write_atomically(
         raise CommandError(f"cannot write to {str(parent)!r}: {error.strerror or error}", 1) from None
     try:
         with os.fdopen(fd, "wb") as handle:
-            for index, dead in enumerate(messages):
-                line = json.dumps(export_record(dead), ensure_ascii=False, separators=(",", ":"))
-                handle.write(line.encode("utf-8") + b"\n")
-                if advance is not None and (index % 100 == 99 or index == len(messages) - 1):
-                    advance(index % 100 + 1)
+            for line in _export_lines(messages, advance):
+                handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, out)
@@ -514,10 +654,10 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
                 on_message=on_message,
             )
 
-    total = _dead_letter_depth(settings, queue, args.max) if _is_tty() else None
+    total = _dead_letter_depth(settings, queue, args) if _is_tty() else None
     verb = "checking" if args.dry_run else "replaying"
     with _progress(f"{verb} dead letters of {queue}", total) as advance:
-        result = _run(lambda: replay(advance))
+        result = _run(lambda: replay(advance), args)
     for message_id in failed_ids:
         print(f"failed {message_id} (it stays dead-lettered)")
     label = "would replay" if args.dry_run else "replayed"
@@ -531,16 +671,17 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dead_letter_depth(settings: Settings, queue: str, limit: int | None) -> int | None:
+def _dead_letter_depth(settings: Settings, queue: str, args: argparse.Namespace) -> int | None:
     """The DLQ depth for the progress bar's total, where the provider knows it cheaply."""
+    limit: int | None = args.max
 
     async def depth() -> int | None:
         async with _open_provider(settings) as provider:
             return (await provider.queue_stats(queue)).dead_letter
 
     try:
-        known = _run(depth)
-    except QueueError:
+        known = _run(depth, args, timeout=min(10.0, args.timeout))
+    except (QueueError, CommandError):
         return None  # only for the bar: the replay itself reports real problems
     if known is None:
         return None
@@ -557,7 +698,7 @@ def _cmd_dlq_purge(args: argparse.Namespace) -> int:
             provider.validate_queue_name(queue)
             return await provider.purge_dead_letters(queue)
 
-    removed = _run(purge)
+    removed = _run(purge, args)
     print(f"purged {removed} dead-lettered messages of {queue!r}")
     return 0
 
@@ -593,13 +734,13 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             provider.validate_queue_name(queue)
             return await provider.queue_stats(queue)
 
-    result = _run(stats)
+    result = _run(stats, args)
     if args.json:
         _print_json(stats_record(result))
         return 0
     from rich.table import Table
 
-    table = Table(title=f"queue {result.queue!r} ({settings.provider})", show_header=False)
+    table = Table(title=_literal(f"queue {result.queue!r} ({settings.provider})"), show_header=False)
     table.add_column("figure")
     table.add_column("value", justify="right")
     table.add_row("depth (waiting)", _count(result.active))
@@ -651,9 +792,21 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     table.add_column("source", overflow="fold")
     for key, value, source in rows:
         shown = "(not set)" if value is None else value if isinstance(value, str) else json.dumps(value)
-        table.add_row(key, shown, source)
+        table.add_row(_literal(key), _literal(shown), _literal(source))
     _console().print(table)
     return 0
+
+
+def standard_queue_note(settings: Settings) -> str | None:
+    """The note `config validate` prints (and the worker logs at start-up) for an SQS queue
+    that is not FIFO: a worker handles it as a queue without sessions."""
+    queue = settings.queue
+    if settings.provider != "aws" or queue is None or queue.rstrip("/").endswith(".fifo"):
+        return None
+    return (
+        f"queue {queue!r} is a standard SQS queue: it has no sessions, so the worker handles its"
+        " messages concurrently, in no order (use a .fifo queue for per-session order)"
+    )
 
 
 def config_problems(args: argparse.Namespace) -> tuple[Settings | None, list[str]]:
@@ -670,30 +823,59 @@ def config_problems(args: argparse.Namespace) -> tuple[Settings | None, list[str
             settings.supervisor_config()
         except ConfigurationError as error:
             problems.append(error.message)
-        if (
-            settings.provider == "aws"
-            and "://" not in settings.queue
-            and not settings.queue.endswith(".fifo")
-        ):
-            problems.append(
-                f"queue {settings.queue!r} is not a FIFO queue: on SQS the worker needs a .fifo queue"
-                " (its message groups are the sessions)"
-            )
     if _override is None:
         problems.extend(_provider_problems(settings))
     return settings, problems
 
 
+# Stand-ins for secret references when checking that a provider can be built from the
+# configuration (the references are read only when a command talks to the broker).
+_PLACEHOLDERS = {
+    "azure.connection_string": "Endpoint=sb://reference.invalid/;SharedAccessKeyName=r;SharedAccessKey=r",
+    "aws.secret_access_key": "reference",
+    "aws.session_token": "reference",
+}
+
+
+def _reference_problems(settings: Settings) -> list[str]:
+    """Missing extras for the secret references in ``settings``."""
+    import importlib.util
+
+    needs = {"keyvault": ("azure.keyvault.secrets", "azure"), "secretsmanager": ("aiobotocore", "aws")}
+    problems: list[str] = []
+    for key, secret in settings.secret_settings().items():
+        if not secret.is_reference:
+            continue
+        scheme = secret.get_secret_value().partition("://")[0].lower()
+        module, extra = needs[scheme]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            problems.append(
+                f"{key} is a {scheme}:// reference, which needs the {extra} extra:"
+                f" pip install 'queue-runtime[{extra}]'"
+            )
+    return problems
+
+
 def _provider_problems(settings: Settings) -> list[str]:
     from ..providers import create_provider
 
+    problems = _reference_problems(settings)
+    placeholders = {
+        key: _PLACEHOLDERS[key] for key, secret in settings.secret_settings().items() if secret.is_reference
+    }
     try:
-        provider = create_provider(settings)
+        provider = create_provider(settings.with_secrets(placeholders) if placeholders else settings)
     except ConfigurationError as error:
-        return [error.message]
+        return [*problems, error.message]
+    if problems:
+        return problems
     # Built, never connected: closing releases whatever the constructor set up.
     with contextlib.suppress(QueueError):
-        _run(provider.aclose)
+        trio.run(provider.aclose)
     if settings.provider == "aws" and settings.aws.region is None:
         region = _botocore_region(settings.aws.profile)
         if isinstance(region, str) and region.startswith("!"):
@@ -722,14 +904,15 @@ def _botocore_region(profile: str | None) -> str | None:
 
 
 def _cmd_config_validate(args: argparse.Namespace) -> int:
-    from ..telemetry import redact
-
     settings, problems = config_problems(args)
     if problems:
         for problem in problems:
             print(f"queue-runtime: problem: {redact(' '.join(problem.split()))}", file=sys.stderr)
         return 1
     assert settings is not None
+    note = standard_queue_note(settings)
+    if note is not None:
+        print(f"queue-runtime: note: {note}", file=sys.stderr)
     print(f"configuration is valid: provider {settings.provider!r}, queue {settings.queue!r}")
     return 0
 
@@ -744,6 +927,18 @@ def register(subparsers: Any) -> None:
     _register_dlq(subparsers)
     _register_stats(subparsers)
     _register_config(subparsers)
+
+
+def _add_timeout(parser: argparse.ArgumentParser, command: str, default: float) -> None:
+    """``--timeout SECONDS``: the deadline of the whole command (see `_run`)."""
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=default,
+        metavar="SECONDS",
+        help=f"give up after this long, broker calls and retries included (default {default:g})",
+    )
+    parser.set_defaults(command=command)
 
 
 def _register_send(subparsers: Any) -> None:
@@ -782,6 +977,7 @@ def _register_send(subparsers: Any) -> None:
         default=1,
         help=f"send N copies, each with its own message id (1-{MAX_COUNT})",
     )
+    _add_timeout(send, "send", LONG_TIMEOUT)
     send.set_defaults(handler=_command(_cmd_send))
 
 
@@ -808,8 +1004,14 @@ def _register_dlq(subparsers: Any) -> None:
         ),
     )
     add_config_flags(peek)
-    peek.add_argument("--max", type=_int_type(1), default=32, help="show at most N messages (default 32)")
+    peek.add_argument(
+        "--max",
+        type=_int_type(1, MAX_PEEK),
+        default=32,
+        help=f"show at most N messages (default 32, at most {MAX_PEEK})",
+    )
     peek.add_argument("--json", action="store_true", help="a JSON array for scripts (no bodies)")
+    _add_timeout(peek, "dlq peek", QUICK_TIMEOUT)
     peek.set_defaults(handler=_command(_cmd_dlq_peek))
 
     export = _subparser(
@@ -822,10 +1024,11 @@ def _register_dlq(subparsers: Any) -> None:
     export.add_argument("--out", "-o", required=True, metavar="FILE.jsonl", help="the file to write")
     export.add_argument(
         "--max",
-        type=_int_type(1),
+        type=_int_type(1, MAX_EXPORT),
         default=EXPORT_DEFAULT_MAX,
-        help=f"export at most N messages (default {EXPORT_DEFAULT_MAX})",
+        help=f"export at most N messages (default {EXPORT_DEFAULT_MAX}, at most {MAX_EXPORT})",
     )
+    _add_timeout(export, "dlq export", LONG_TIMEOUT)
     export.set_defaults(handler=_command(_cmd_dlq_export))
 
     replay = _subparser(
@@ -839,9 +1042,15 @@ def _register_dlq(subparsers: Any) -> None:
         ),
     )
     add_config_flags(replay)
-    replay.add_argument("--max", type=_int_type(1), default=None, help="replay at most N messages")
+    replay.add_argument(
+        "--max",
+        type=_int_type(1, MAX_REPLAY),
+        default=None,
+        help=f"replay at most N messages (at most {MAX_REPLAY})",
+    )
     replay.add_argument("--session-id", "-s", help="replay only this session's messages")
     replay.add_argument("--dry-run", action="store_true", help="list what would be replayed; change nothing")
+    _add_timeout(replay, "dlq replay", LONG_TIMEOUT)
     replay.set_defaults(handler=_command(_cmd_dlq_replay))
 
     purge = _subparser(
@@ -852,6 +1061,7 @@ def _register_dlq(subparsers: Any) -> None:
     )
     add_config_flags(purge)
     purge.add_argument("--yes", action="store_true", help="confirm: the messages cannot be recovered")
+    _add_timeout(purge, "dlq purge", QUICK_TIMEOUT)
     purge.set_defaults(handler=_command(_cmd_dlq_purge))
 
 
@@ -864,6 +1074,7 @@ def _register_stats(subparsers: Any) -> None:
     )
     add_config_flags(stats)
     stats.add_argument("--json", action="store_true", help="JSON for scripts (null where unknown)")
+    _add_timeout(stats, "stats", QUICK_TIMEOUT)
     stats.set_defaults(handler=_command(_cmd_stats))
 
 

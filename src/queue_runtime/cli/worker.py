@@ -95,7 +95,10 @@ def register(subparsers: Any) -> None:
         help="serve /metrics, /healthz, /readyz on this port (0 = a free one; default: off)",
     )
     parser.add_argument(
-        "--metrics-host", default="0.0.0.0", metavar="HOST", help="address for --metrics-port (default all)"
+        "--metrics-host",
+        metavar="HOST",
+        help="address for --metrics-port (default QUEUE_METRICS_HOST, else 127.0.0.1: this host only;"
+        " 0.0.0.0 for every interface, e.g. in a container)",
     )
     parser.add_argument("--log-format", choices=["json", "text"], help="log line format (default text)")
     parser.add_argument(
@@ -164,7 +167,9 @@ def load_actor(target: str) -> type[Any]:
             why = f"No module named {error.name!r}"
             raise CommandError(f"cannot import module {module_name!r}: {why}", 2) from error
         raise CommandError(f"cannot import module {module_name!r}: {_one_line(error)}", 2) from error
-    except Exception as error:
+    except (Exception, SystemExit) as error:
+        # SystemExit too: a module that calls sys.exit() on import is a bad target (exit 2),
+        # not a reason to leave with whatever code it chose.
         raise CommandError(f"cannot import module {module_name!r}: {_one_line(error)}", 2) from error
     value: Any = module
     for part in attribute.split("."):
@@ -173,11 +178,16 @@ def load_actor(target: str) -> type[Any]:
         except AttributeError:
             raise CommandError(f"module {module_name!r} has no attribute {attribute!r}", 2) from None
     if not (isinstance(value, type) and issubclass(value, SessionActor)):
-        what = "a class" if isinstance(value, type) else f"a {type(value).__name__}"
+        what = "a class" if isinstance(value, type) else _a(type(value).__name__)
         raise CommandError(f"{target} is {what}, not a SessionActor subclass", 2)
     if value.handle is SessionActor.handle:
         raise CommandError(f"{target} does not implement handle()", 2)
     return value
+
+
+def _a(noun: str) -> str:
+    """``noun`` with its indefinite article: "an int", "a str"."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
 def _one_line(error: BaseException) -> str:
@@ -191,10 +201,8 @@ def run_worker(args: argparse.Namespace) -> int:
     import trio
 
     from ..entrypoint import StoppedAtOnce, serve_worker
-    from ..providers import create_provider
     from ..telemetry import configure_logging
 
-    actor = load_actor(args.target)
     overrides: dict[str, Any] = {
         "max_concurrent_sessions": args.max_sessions,
         "per_session_concurrency": args.per_session_concurrency,
@@ -206,22 +214,23 @@ def run_worker(args: argparse.Namespace) -> int:
         "log_level": args.log_level,
         "worker.retry.max_attempts": args.max_attempts,
         "telemetry.metrics_port": args.metrics_port,
+        "telemetry.metrics_host": args.metrics_host,
     }
+    # Settings first: they register the configured secrets, so that any error line from here
+    # on (an actor module failing on import included) is redacted with them.
     settings = load_cli_settings(args, **overrides)
+    actor = load_actor(args.target)
     if settings.queue is None:
         raise CommandError(
             "queue is not set: pass --queue NAME, set QUEUE_NAME, or set 'queue' in the config file", 2
         )
     settings.supervisor_config()  # a missing queue or a bad value: exit 2 before anything starts
     configure_logging(settings.log_level, settings.log_format)
-    provider = create_provider(settings)  # unknown provider / missing extra: ConfigurationError
 
     async def main() -> Any:
-        try:
-            return await serve_worker(actor, settings, provider=provider, metrics_host=args.metrics_host)
-        finally:
-            with trio.CancelScope(shield=True):
-                await provider.aclose()
+        # serve_worker builds the provider (an unknown provider or a missing extra is a
+        # ConfigurationError: exit 2), resolving secret references first, and closes it.
+        return await serve_worker(actor, settings)
 
     stopped: StoppedAtOnce | None = None
     try:
