@@ -13,6 +13,14 @@ poll the state every few milliseconds (a fake's convenience; the adapter above m
 Fault injection: `FakeNamespace.inject_fault` (next N calls of an operation raise),
 `FakeNamespace.unreachable` (every call raises a connection error), `lose_session_lock`,
 `delay` (an operation hangs for a while: cancellation tests).
+
+Keys: once `FakeNamespace.rotate_key` is called, only the keys it was given are accepted. A
+client whose connection string holds another ``SharedAccessKey`` is refused
+(`ServiceBusAuthenticationError`) when it opens a new link: a receiver (accepting a session
+included), a sender, a management call. Links opened before the rotation keep working until
+they close, as Service Bus's do until their token is renewed. `sdk_classes` gives stand-ins for
+``ServiceBusClient`` and ``ServiceBusAdministrationClient`` whose ``from_connection_string``
+builds clients of this namespace, for tests that patch them into the SDK's modules.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from azure.servicebus.exceptions import (
     MessageSizeExceededError,
     MessagingEntityNotFoundError,
     OperationTimeoutError,
+    ServiceBusAuthenticationError,
     ServiceBusConnectionError,
     ServiceBusError,
     SessionLockLostError,
@@ -157,6 +166,12 @@ class FakeNamespace:
         self.clients_created = 0
         self.open_receivers = 0
         self.open_senders = 0
+        #: SharedAccessKey values accepted; None: any (until `rotate_key`).
+        self.keys: set[str] | None = None
+        #: New links refused because their key was rotated away.
+        self.auth_failures = 0
+        #: The connection string of every client created, in order.
+        self.connection_strings: list[str | None] = []
 
     # -- test controls ---------------------------------------------------------------------
     def now(self) -> datetime:
@@ -220,6 +235,48 @@ class FakeNamespace:
                 await asyncio.sleep(left)
             except asyncio.CancelledError:
                 continue  # swallowed: the result will arrive anyway
+
+    def rotate_key(self, old: str, new: str) -> None:
+        """Regenerate a key: ``old`` is refused for new links from now on, ``new`` accepted
+        (with any key accepted before, other than ``old``)."""
+        with self.lock:
+            keys = set(self.keys) if self.keys is not None else {old}
+            keys.discard(old)
+            keys.add(new)
+            self.keys = keys
+
+    def authorize(self, connection_string: str | None) -> None:
+        """Raise `ServiceBusAuthenticationError` if a new link made with ``connection_string``
+        would be refused (its key was rotated away). Clients built without a connection string
+        (``client_factory`` in tests) are always accepted."""
+        with self.lock:
+            if self.keys is None or connection_string is None:
+                return
+            key = _key_of(connection_string)
+            if key in self.keys:
+                return
+            self.auth_failures += 1
+        raise ServiceBusAuthenticationError(
+            message="Unauthorized access. 'Listen' claim(s) are required to perform this operation"
+            " (put-token: the SharedAccessKey is not valid)."
+        )
+
+    def sdk_classes(self) -> tuple[type, type]:
+        """``(ServiceBusClient, ServiceBusAdministrationClient)`` stand-ins whose
+        ``from_connection_string`` builds clients of this namespace."""
+        namespace = self
+
+        class ServiceBusClient:
+            @staticmethod
+            def from_connection_string(conn_str: str, **_: Any) -> FakeServiceBusClient:
+                return namespace.client(conn_str)
+
+        class ServiceBusAdministrationClient:
+            @staticmethod
+            def from_connection_string(conn_str: str, **_: Any) -> FakeAdministrationClient:
+                return FakeAdministrationClient(namespace, connection_string=conn_str)
+
+        return ServiceBusClient, ServiceBusAdministrationClient
 
     def lose_session_lock(self, queue: str, session_id: str) -> None:
         """Another receiver "stole" the session: the holder's lock is gone."""
@@ -448,6 +505,7 @@ class FakeReceiver:
         if self._closed:
             raise ValueError("The handler has already been shutdown.")
         await ns._enter("open_receiver")
+        ns.authorize(self._client._connection_string)
         with ns.lock:
             q = ns._queue(self._queue_name)
             if not q.requires_session and self._requested_session is not None:
@@ -667,6 +725,7 @@ class FakeSender:
 
     async def __aenter__(self) -> FakeSender:
         await self._ns._enter("open_sender")
+        self._ns.authorize(self._client._connection_string)
         with self._ns.lock:
             self._ns._queue(self._queue_name)
             self._open = True
@@ -727,6 +786,7 @@ class FakeServiceBusClient:
         self.closed = False
         with namespace.lock:
             namespace.clients_created += 1
+            namespace.connection_strings.append(connection_string)
             namespace.calls["client"] += 1
             if namespace.unreachable is not None:
                 pass  # like the SDK: creating the client does no I/O; the first call fails
@@ -787,11 +847,13 @@ class FakeQueueProperties:
 class FakeAdministrationClient:
     """``azure.servicebus.aio.management.ServiceBusAdministrationClient`` (``get_queue`` only)."""
 
-    def __init__(self, namespace: FakeNamespace) -> None:
+    def __init__(self, namespace: FakeNamespace, *, connection_string: str | None = None) -> None:
         self._ns = namespace
+        self._connection_string = connection_string
 
     async def get_queue(self, queue_name: str, **_: Any) -> FakeQueueProperties:
         await self._ns._enter("get_queue")
+        self._ns.authorize(self._connection_string)
         with self._ns.lock:
             q = self._ns._queue(queue_name)
             return FakeQueueProperties(
@@ -804,6 +866,7 @@ class FakeAdministrationClient:
 
     async def get_queue_runtime_properties(self, queue_name: str, **_: Any) -> FakeQueueRuntimeProperties:
         await self._ns._enter("get_queue_runtime_properties")
+        self._ns.authorize(self._connection_string)
         with self._ns.lock:
             q = self._ns._queue(queue_name)
             self._ns._sweep(q)
@@ -831,6 +894,14 @@ class FakeQueueRuntimeProperties:
     scheduled_message_count: int
     dead_letter_message_count: int
     total_message_count: int
+
+
+def _key_of(connection_string: str) -> str | None:
+    for part in connection_string.split(";"):
+        name, _, value = part.partition("=")
+        if name.strip().lower() == "sharedaccesskey":
+            return value.strip()
+    return None
 
 
 def connection_error_echoing(connection_string: str) -> Callable[[], BaseException]:
