@@ -7,8 +7,9 @@ An actor declares its body type as the generic parameter of `SessionActor[T]`:
 * `bytes` — the raw body;
 * `str` — the body decoded as UTF-8.
 
-Decoders are built once per actor class; decoding errors become `DecodeError`, whose text
-names what was wrong (msgspec's path such as ``$.amount``) and never contains the body.
+Decoders are built once per actor class; decoding errors become `DecodeError` (and nothing
+else, whatever the bytes: tests/test_fuzz.py), whose text names what was wrong (msgspec's path
+such as ``$.amount``) and never contains the body.
 """
 
 from __future__ import annotations
@@ -63,5 +64,8 @@ def make_decoder(body_type: Any) -> Decoder:
         except msgspec.DecodeError as error:
             kind = "MessagePack" if msgpack else "JSON"
             raise DecodeError(f"body is not valid {kind}: {error}") from None
+        except RecursionError:
+            # msgspec gives up on deep nesting ([[[[...) with RecursionError: a bad body too.
+            raise DecodeError("body is nested too deeply") from None
 
     return decode

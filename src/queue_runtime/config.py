@@ -201,8 +201,9 @@ def parse_secret_reference(text: str) -> SecretReference:
     return SecretReference(text=text, store="secretsmanager", name=name, json_key=key or None)
 
 
-#: Largest config file read: a real one is a few hundred bytes.
-MAX_CONFIG_FILE_BYTES: Final = 1024 * 1024
+#: Largest config file read: a real one is a few hundred bytes, and PyYAML needs about a
+#: second per 30 KiB of the worst input, so this also bounds the time a hostile file costs.
+MAX_CONFIG_FILE_BYTES: Final = 64 * 1024
 # Credential variables azure-identity's EnvironmentCredential reads: not settings of ours, but
 # their values are secrets, so they are registered for redaction when settings are loaded.
 _IDENTITY_SECRETS: Final = ("AZURE_CLIENT_SECRET", "AZURE_CLIENT_CERTIFICATE_PASSWORD", "AZURE_PASSWORD")
@@ -962,10 +963,21 @@ def _parse_config(raw: bytes, suffix: str, name: str) -> Mapping[str, Any]:
                 detail = " ".join(str(error).split())
                 raise ConfigurationError(f"malformed config file {name!r}: {detail}") from None
         else:
+            deep = _flow_too_deep(raw)
+            if deep is not None:
+                raise ConfigurationError(
+                    f"malformed config file {name!r}: brackets nested more than {_MAX_YAML_DEPTH} levels"
+                    f" deep at line {deep}"
+                )
             try:
-                data = yaml.load(raw, Loader=_StrictLoader)
+                data = yaml.load(raw, Loader=_StrictLoader)  # a SafeLoader subclass
             except yaml.YAMLError as error:
                 raise ConfigurationError(f"malformed config file {name!r}: {_yaml_problem(error)}") from None
+            except ValueError as error:  # an integer of more than 4300 digits, a bad date
+                problem = " ".join(str(error).split(":")[0].split())[:80]
+                raise ConfigurationError(
+                    f"malformed config file {name!r}: a value cannot be read ({problem})"
+                ) from None
     except RecursionError:
         raise ConfigurationError(f"malformed config file {name!r}: nested too deeply") from None
     if data is None:
@@ -977,6 +989,28 @@ def _parse_config(raw: bytes, suffix: str, name: str) -> Mapping[str, Any]:
     return data
 
 
+_MAX_YAML_DEPTH: Final = 32
+
+
+def _flow_too_deep(raw: bytes) -> int | None:
+    """The line where ``[``/``{`` brackets first nest deeper than `_MAX_YAML_DEPTH`, else None.
+
+    Checked before PyYAML sees the text: its scanner takes quadratic time in the nesting of
+    flow collections, even past the end of a document, where the loader's own depth check
+    cannot stop it. Brackets inside quoted strings count too: no config file nests 32 deep.
+    """
+    depth = 0
+    for match in _BRACKETS.finditer(raw):
+        depth += 1 if match.group() in (b"[", b"{") else -1
+        if depth > _MAX_YAML_DEPTH:
+            return raw.count(b"\n", 0, match.start()) + 1
+        depth = max(depth, 0)
+    return None
+
+
+_BRACKETS: Final = re.compile(rb"[\[\]{}]")
+
+
 class _StrictLoader(yaml.SafeLoader):
     """PyYAML's safe loader without aliases and duplicate keys.
 
@@ -985,7 +1019,10 @@ class _StrictLoader(yaml.SafeLoader):
       config file has no use for them.
     * A key given twice in one mapping is refused (YAML says keys are unique; PyYAML would
       silently keep the last one, hiding a typo or a merge mistake).
+    * Nesting deeper than 32 levels is refused (a config file has 3).
     """
+
+    _depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
@@ -993,7 +1030,17 @@ class _StrictLoader(yaml.SafeLoader):
             raise yaml.composer.ComposerError(
                 None, None, "YAML aliases (*name) are not allowed in config files", event.start_mark
             )
-        return super().compose_node(parent, index)
+        if self._depth >= _MAX_YAML_DEPTH:
+            # PyYAML's scanner slows down quadratically with nesting ("[[[[..."): stop early.
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, f"nested more than {_MAX_YAML_DEPTH} levels deep", event.start_mark
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:
         if isinstance(node, yaml.MappingNode):

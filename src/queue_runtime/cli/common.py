@@ -47,7 +47,18 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (raised, so ``main`` decides the exit code)."""
 
     def error(self, message: str) -> NoReturn:
-        raise ParserError(f"{message} (see: {self.prog} --help)")
+        raise ParserError(f"{visible(message)} (see: {self.prog} --help)")
+
+
+def visible(text: str) -> str:
+    """``text`` with control and other unprintable characters as escapes (``\\n``,
+    ``\\x1b``, ``\\udcff``): argparse quotes arguments as given, and an error line must
+    stay one line that shows them literally."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode() for c in text
+    )
 
 
 def build_parser() -> Parser:
@@ -121,7 +132,15 @@ class RedactingStream:
         self._stream = stream
 
     def write(self, text: str) -> int:
-        self._stream.write(redact(text) if isinstance(text, str) else text)
+        shown = redact(text) if isinstance(text, str) else text
+        if isinstance(shown, str) and not shown.isascii():
+            try:
+                shown.encode("utf-8")
+            except UnicodeEncodeError:
+                # Arguments that were not UTF-8 reach Python as lone surrogates: show them as
+                # escapes (\udcff) rather than fail to print the line that names them.
+                shown = shown.encode("utf-8", "backslashreplace").decode("utf-8")
+        self._stream.write(shown)
         return len(text)
 
     def writelines(self, lines: Any) -> None:

@@ -27,7 +27,7 @@ from typing import Any, Final
 import msgspec
 
 from ..errors import MessageTooLarge, ValidationError
-from ..message import Message, ReceivedMessage
+from ..message import Message, ReceivedMessage, validate_message_id, validate_session_id
 
 META: Final = "qr.meta"
 DL_REASON: Final = "qr.dl.reason"
@@ -92,8 +92,14 @@ def decode_body(text: str, encoding: str | None) -> bytes:
             return base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             # Not ours after all (a foreign producer copied the marker?): keep the text.
-            return text.encode("utf-8")
-    return text.encode("utf-8")
+            return _utf8(text)
+    return _utf8(text)
+
+
+def _utf8(text: str) -> bytes:
+    # SQS never sends lone surrogates, but a JSON answer can spell them ("\ud800"): such a
+    # body is damaged, not a reason to fail the receive.
+    return text.encode("utf-8", "replace")
 
 
 def validate_property(name: str, value: str) -> None:
@@ -174,10 +180,18 @@ def check_size(body: str, attributes: dict[str, dict[str, Any]]) -> int:
     return size
 
 
+def _valid(validate: Any, value: str) -> str | None:
+    """``value`` if ``validate`` accepts it, else None."""
+    try:
+        return str(validate(value))
+    except ValidationError:
+        return None
+
+
 def _epoch_ms(value: object) -> datetime | None:
     try:
         return datetime.fromtimestamp(int(str(value)) / 1000, tz=UTC)
-    except (TypeError, ValueError, OverflowError):
+    except (TypeError, ValueError, OverflowError, OSError):  # OSError: beyond the platform's time_t
         return None
 
 
@@ -203,7 +217,7 @@ def decode(
     if meta_attribute is not None:
         try:
             meta = _meta_decoder.decode(str(meta_attribute.get("StringValue", "")))
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeEncodeError):
             meta = None
     properties: dict[str, str] = {}
     for name, attribute in attributes.items():
@@ -228,14 +242,16 @@ def decode(
             content_type=meta.ct if meta is not None else None,
         )
     except ValidationError:
-        # A foreign message whose ids break our rules: fall back to SQS's own message id and
-        # drop what does not validate, so it can still be handled or dead-lettered.
+        # A foreign message whose ids break our rules: fall back to SQS's own message id (or a
+        # new one) and drop what does not validate, so it can still be handled or dead-lettered.
         message = Message(
-            body=body_text.encode("utf-8"),
-            session_id=session_id if session_id and len(session_id) <= 128 else None,
-            message_id=str(raw.get("MessageId", "unknown")),
+            body=_utf8(body_text),
+            session_id=_valid(validate_session_id, session_id) if session_id else None,
             properties={k: v for k, v in properties.items() if k},
         )
+        fallback_id = _valid(validate_message_id, str(raw.get("MessageId", "")))
+        if fallback_id is not None:  # else the new id the Message was given
+            message.message_id = fallback_id
     dl_reason = attributes.get(DL_REASON, {}).get("StringValue")
     dl_description = attributes.get(DL_DESCRIPTION, {}).get("StringValue")
     dl_source = attributes.get(DL_SOURCE, {}).get("StringValue")
