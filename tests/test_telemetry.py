@@ -360,6 +360,7 @@ EXPECTED_SAMPLES = {
     "queue_depth": {"queue", "state"},
     "queue_dead_letter_depth": {"queue"},
     "queue_oldest_message_age_seconds": {"queue"},
+    "queue_secret_refresh_failures_total": {"queue", "setting", "store"},
 }
 
 
@@ -383,6 +384,9 @@ def _exercise(t: Telemetry) -> None:
         active, in_flight, scheduled, dead_letter, oldest_message_age = 4, 1, 0, 2, 3.5
 
     t.observe_queue_depth(lambda: Stats)  # type: ignore[arg-type, return-value]
+    from queue_runtime.secrets import record_refresh_failure
+
+    record_refresh_failure(t.queue, "azure.connection_string", "keyvault")
 
 
 def scraped_samples(text: str, queue: str) -> dict[str, set[frozenset[str]]]:
@@ -597,6 +601,44 @@ def test_process_span_records_errors_redacted_and_reraises(otel: Otel, queue: st
     assert "SharedAccessKey=***" in str(event.attributes["exception.message"])
     dumped = span.to_json()
     assert "TOPSECRET" not in dumped
+
+
+def test_configured_secret_values_are_masked_on_spans(otel: Otel, queue: str) -> None:
+    from queue_runtime.config import Secret
+
+    configured = "plainSECRETvalue0for0spans0test"
+    Secret(configured)  # what loading settings does: the value is now known to redact()
+    t = Telemetry(queue, "aws_sqs")
+    message = received(session_id=f"s-{configured}", correlation_id=configured)
+    with pytest.raises(RuntimeError), t.process_span(message, 1):
+        raise RuntimeError(f"auth failed for {configured}")  # no key= prefix to go by
+    (span,) = otel.spans.get_finished_spans()
+    dumped = span.to_json()
+    assert configured not in dumped
+    assert "auth failed for ***" in dumped
+    assert span.attributes is not None and span.attributes["messaging.conversation_id"] == "s-***"
+
+
+async def test_secret_refresh_failures_are_counted(otel: Otel, queue: str) -> None:
+    from queue_runtime.config import load_settings
+    from queue_runtime.secrets import SecretResolver
+
+    class Refusing:
+        async def read(self, reference: Any) -> str:
+            raise AuthenticationFailed("access to the vault refused")
+
+        async def aclose(self) -> None:
+            pass
+
+    settings = load_settings(
+        env={}, provider="azure", queue=queue, azure={"connection_string": "keyvault://vault1/sb"}
+    )
+    resolver = SecretResolver(settings, stores={"keyvault": Refusing()})
+    assert await resolver.refresh() is False
+    await resolver.refresh_after_failure()
+    labels = {"setting": "azure.connection_string", "store": "keyvault"}
+    assert value(otel, "queue_secret_refresh_failures", queue, **labels) == 2
+    assert resolver.failures == 2
 
 
 async def test_cancellation_marks_the_span_without_an_exception_event(otel: Otel, queue: str) -> None:

@@ -58,6 +58,7 @@ __all__ = [
     "SecretStore",
     "SecretsManagerStore",
     "parse_secret_reference",
+    "record_refresh_failure",
 ]
 
 logger = logging.getLogger("queue_runtime.secrets")
@@ -350,6 +351,11 @@ def _failures() -> Counter:
     return _failures_counter
 
 
+def record_refresh_failure(queue: str, setting: str, store: str) -> None:
+    """``queue_secret_refresh_failures_total{queue,setting,store}`` += 1."""
+    _failures().add(1, {"queue": queue, "setting": setting, "store": store})
+
+
 def default_stores(settings: Settings) -> dict[str, SecretStore]:
     """The stores a `SecretResolver` uses unless given others: Key Vault with
     ``azure.client_id``, Secrets Manager with the ``aws.*`` settings that are not references."""
@@ -479,7 +485,7 @@ class SecretResolver:
     def _failed(self, error: QueueError, why: str) -> None:
         self.failures += 1
         for key, reference in self.references.items():
-            _failures().add(1, {"queue": self._given.queue or "", "setting": key, "store": reference.store})
+            record_refresh_failure(self._given.queue or "", key, reference.store)
         logger.warning(
             "re-reading secret references (%s) failed, the values in use stay: %s: %s",
             why, type(error).__name__, redact(str(error)),
