@@ -166,7 +166,7 @@ async def _handle(
 async def serve_endpoints(
     port: int,
     *,
-    host: str = "0.0.0.0",
+    host: str = "127.0.0.1",
     ready: Callable[[], bool],
     metrics: Callable[[], bytes] = render_metrics,
     timeout: float = REQUEST_TIMEOUT,
@@ -174,6 +174,9 @@ async def serve_endpoints(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` until cancelled.
+
+    ``host`` is 127.0.0.1 by default: the endpoints are unauthenticated, so they answer this
+    host only unless asked (``"0.0.0.0"`` in a container; ``docs/security.md``).
 
     Use with ``port = await nursery.start(partial(serve_endpoints, 9464, ready=...))``:
     ``port`` 0 picks a free port, and the port actually bound is what ``task_status.started``
