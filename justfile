@@ -16,6 +16,11 @@ lint:
     uv run --all-extras ruff check src tests benchmarks examples drills
     uv run --all-extras mypy src
 
+# Reliability drills (docs/reliability.md): fault drills x10 rounds, then 20,000 simulations.
+drill:
+    uv run --all-extras python -m drills.faults --rounds 10 --json drills/results/faults.json
+    uv run --all-extras python -m drills.simulation --examples 20000 --workers 2 --json drills/results/simulation.json
+
 # Benchmarks: full sizes, results to benchmarks/results/ and docs/benchmarks.md.
 bench *ARGS:
     uv run --all-extras python -m benchmarks {{ARGS}}

@@ -51,6 +51,7 @@ import argparse
 import dataclasses
 import functools
 import itertools
+import json
 import math
 import random
 import sys
@@ -59,6 +60,7 @@ from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
 import msgspec
@@ -1674,6 +1676,12 @@ def _job(args: tuple[int, int, bool]) -> tuple[Totals, dict[str, str]]:
     return explore(args[0], args[1], shrink=args[2])
 
 
+_TOTALS = (
+    "runs", "messages", "handle_calls", "redeliveries", "lock_lost", "crashes", "stops", "stalls",
+    "faults", "failing_runs", "by_invariant",
+)  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m drills.simulation",
@@ -1684,6 +1692,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="hypothesis seed (process i uses seed + i)")
     parser.add_argument("--workers", type=int, default=1, help="processes to split the examples over")
     parser.add_argument("--no-shrink", action="store_true", help="report failing scenarios unshrunk")
+    parser.add_argument("--json", type=Path, default=None, help="also write the totals to this JSON file")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     workers = max(1, min(args.workers, args.examples))
@@ -1716,6 +1725,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" {totals.stops} graceful stops, {totals.stalls} stalls, {totals.faults} faults"
     )
     print(f"runs with violations: {totals.failing_runs}; by invariant: {broken}")
+    if args.json is not None:
+        summary = {
+            "command": "python -m drills.simulation " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "seed": seed,
+            "processes": workers,
+            "seconds": round(elapsed, 1),
+            "median_run_ms": round(1000 * times[len(times) // 2], 1),
+            **{name: getattr(totals, name) for name in _TOTALS},
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
     for invariant, report in sorted(reports.items()):
         print(
             f"\n=== ({invariant}) shrunk failing scenario; reproduce with drills.simulation.run_scenario(...)"

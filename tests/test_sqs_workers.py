@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections import defaultdict
@@ -20,7 +18,7 @@ from typing import Any
 import boto3
 import pytest
 
-import sqs_server
+from drills.moto import StrictMotoServer  # moto with FIFO receive safe for many consumers
 from sqs_server import CREDENTIALS, REGION
 from worker_process import WorkerProcess
 
@@ -56,74 +54,6 @@ class Recorder(SessionActor[Step]):
         await trio.sleep(random.uniform(0, 0.01))  # a little I/O, so sessions interleave
         _out.write(f"{time.time_ns()} {os.getpid()} {step.group} {step.seq} {ctx.message_id}\\n")
 """
-
-
-# moto 5.2's FIFO receive is not safe under concurrent consumers: it computes the set of groups
-# with in-flight messages once per call (before its long-poll wait), and recomputes it in the
-# middle of a pass when it meets a lapsed message. A delete from another consumer in between
-# lets it skip message k of a group (stale set) and then hand out k+1 (fresh set), which real
-# SQS never does. Seen here as "seq 6 delivered, then seq 5 (receive count 1)". This server
-# adds, on top of the shared fixture's lapse fix: one lock around receive, delete and
-# visibility changes, and the long poll done outside moto's loop (each pass a fresh,
-# zero-wait receive), so every pass sees one consistent state.
-_STRICT_BOOT = """
-import sys
-import threading
-import time
-
-from moto.sqs import models
-
-_lock = threading.RLock()
-_receive = models.SQSBackend.receive_message
-_delete = models.SQSBackend.delete_message
-_change = models.SQSBackend.change_message_visibility
-
-
-def receive_message(self, queue_name, count, wait_seconds_timeout, visibility_timeout, *args, **kwargs):
-    deadline = time.time() + float(wait_seconds_timeout or 0)
-    while True:
-        with _lock:
-            queue = self.get_queue(queue_name)
-            for message in list(queue.pending_messages):
-                if message.visible:
-                    queue.pending_messages.discard(message)
-            result = _receive(self, queue_name, count, 0, visibility_timeout, *args, **kwargs)
-        if result or time.time() >= deadline:
-            return result
-        time.sleep(0.02)
-
-
-def delete_message(self, *args, **kwargs):
-    with _lock:
-        return _delete(self, *args, **kwargs)
-
-
-def change_message_visibility(self, *args, **kwargs):
-    with _lock:
-        return _change(self, *args, **kwargs)
-
-
-models.SQSBackend.receive_message = receive_message
-models.SQSBackend.delete_message = delete_message
-models.SQSBackend.change_message_visibility = change_message_visibility
-
-from moto.server import main
-main(sys.argv[1:])
-"""
-
-
-class StrictMotoServer(sqs_server.MotoServer):
-    """`sqs_server.MotoServer` with `_STRICT_BOOT` (own port, own process)."""
-
-    def __init__(self) -> None:
-        self.port = sqs_server._free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._process = subprocess.Popen(
-            [sys.executable, "-c", _STRICT_BOOT, "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self._wait_ready()
 
 
 @pytest.fixture(scope="module")

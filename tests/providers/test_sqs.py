@@ -24,6 +24,7 @@ from botocore.exceptions import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from drills.moto import StrictMotoServer
 from queue_runtime.errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -334,6 +335,44 @@ async def test_a_late_receive_answer_has_its_visibility_extended_and_timed_from_
     for message in got:
         await receiver.complete(message)
     await receiver.aclose()
+
+
+@pytest.fixture(scope="module")
+def strict_sqs() -> Any:
+    """A server whose FIFO receipts behave as SQS's (see `drills.moto`): a message whose
+    visibility ran out is no longer in flight, and changing it fails."""
+    server = StrictMotoServer()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+async def test_messages_that_lapsed_before_their_answer_arrived_are_dropped(
+    strict_sqs: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with SqsProvider(
+        endpoint_url=strict_sqs, region=REGION, visibility_timeout=None, **CREDENTIALS
+    ) as provider:
+        queue = f"t-{uuid.uuid4().hex[:12]}.fifo"
+        attributes = {"FifoQueue": "true", "VisibilityTimeout": str(VISIBILITY)}
+        await provider._call("create_queue", None, QueueName=queue, Attributes=attributes)
+        await provider.send(queue, group_messages("d", 1))
+        receive_raw = provider._receive_raw
+        delays = [VISIBILITY + 0.5]
+
+        async def slow_answer(*args: Any, **kwargs: Any) -> Any:
+            raws = await receive_raw(*args, **kwargs)
+            if raws and delays:
+                await trio.sleep(delays.pop())  # the answer arrives after the visibility ran out
+            return raws
+
+        monkeypatch.setattr(provider, "_receive_raw", slow_answer)
+        receiver = await accept(provider, queue, timeout=8)  # the first answer is dropped: lapsed
+        [message] = await receive_all(receiver, 1)
+        assert message.delivery_count == 2  # what was handed out is the redelivery
+        await receiver.complete(message)
+        await receiver.aclose()
 
 
 async def test_abandoning_k_releases_the_later_messages_of_the_group(
