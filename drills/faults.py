@@ -19,7 +19,7 @@ forwarding), ``throttle`` (through the proxy: 20% of calls answered with SQS's t
 error).
 
 ``python -m drills.faults --rounds N [--scenario NAME ...] [--workers 2 3] [--quick]
-[--json PATH]`` prints one line per run and its violations, writes the results as JSON
+[--server strict|moto] [--json PATH]`` prints one line per run and its violations, writes the results as JSON
 (default ``drills/results/faults.json``, for a full run) and exits 1 on any violation.
 """
 
@@ -44,13 +44,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from .checks import Violation, check_calls
-from .moto import CREDENTIALS, REGION, StrictMotoServer
+from .moto import CREDENTIALS, REGION, MotoServer, StrictMotoServer
 from .proxy import ProxyProcess
 from .recorder import HANDLE_MS_ENV, HANDLE_TAIL_ENV, RECORD_DIR_ENV, Call, handled, read_calls
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "drills" / "results" / "faults.json"
 QUEUE_RUNTIME = str(Path(sys.executable).with_name("queue-runtime"))
+SERVERS: dict[str, type[MotoServer]] = {"strict": StrictMotoServer, "moto": MotoServer}
 SCENARIOS = ("kill9", "freeze-short", "freeze-long", "slow", "throttle")
 PROXIED = {
     # 0.5-3 s each way: a delayed renewal (due at half the visibility timeout) often reaches the
@@ -228,6 +229,7 @@ class Drill:
         round_: int = 1,
         keep: str = "never",
         src: Path | None = None,
+        server: str = "strict",
         log: Callable[[str], None] | None = None,
     ) -> None:
         if scenario not in SCENARIOS:
@@ -238,6 +240,7 @@ class Drill:
         self.seed = seed
         self.keep = keep
         self.src = src
+        self.server = server
         self._say = log or (lambda _: None)
         self.result = RunResult(
             scenario=scenario,
@@ -254,7 +257,7 @@ class Drill:
         self.records.mkdir()
         self.origin = time.monotonic_ns()
         self._workers: list[Worker] = []
-        self._server: StrictMotoServer | None = None
+        self._server: MotoServer | None = None
         self._proxy: ProxyProcess | None = None
         self._sqs: Any = None
         self._queue = f"drill-{uuid.uuid4().hex[:10]}.fifo"
@@ -308,7 +311,7 @@ class Drill:
         self._say(f"  {stamp:7.3f} s {text}")
 
     def _setup(self) -> None:
-        self._server = StrictMotoServer()
+        self._server = SERVERS[self.server]()
         self._sqs = self._server.client(connect_timeout=5, read_timeout=10, retries={"max_attempts": 3})
         self._event(f"moto server pid {self._server.pid} on {self._server.url}")
         dlq = self._sqs.create_queue(
@@ -528,6 +531,7 @@ def run_drills(
     keep: str = "never",
     src: Path | None = None,
     verbose: bool = False,
+    server: str = "strict",
 ) -> list[RunResult]:
     results = []
     for round_ in range(1, rounds + 1):
@@ -543,6 +547,7 @@ def run_drills(
                     round_=round_,
                     keep=keep,
                     src=src,
+                    server=server,
                     log=(lambda text: print(text, flush=True)) if verbose else None,
                 )
                 result = drill.run()
@@ -655,6 +660,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="workers import queue_runtime from DIR (e.g. `git archive COMMIT src | tar -x`), not this tree",
     )
+    parser.add_argument(
+        "--server",
+        choices=sorted(SERVERS),
+        default="strict",
+        help="strict (default): moto with SQS's FIFO and receipt-handle rules restored; "
+        "moto: moto with only the lapse fix, to compare (drills/moto.py)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="print each run's timeline")
     return parser
 
@@ -684,6 +696,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep=args.keep,
         src=args.src.resolve() if args.src else None,
         verbose=args.verbose,
+        server=args.server,
     )
     elapsed = time.monotonic() - started
     table = summary(results)
@@ -699,6 +712,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "generated": datetime.now(UTC).isoformat(timespec="seconds"),
             "command": "python -m drills.faults " + " ".join(argv if argv is not None else sys.argv[1:]),
             "code": _code_version(args.src),
+            "server": args.server,
             "plan": asdict(plan),
             "rounds": args.rounds,
             "seconds": round(elapsed, 1),
