@@ -12,6 +12,7 @@ import gc
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -854,7 +855,8 @@ def test_without_sdk_everything_is_a_cheap_no_op() -> None:
             "inject": bench(lambda: t.inject({})),
             "sdk_imported": any(name.startswith("opentelemetry.sdk") for name in sys.modules),
         }
-        # An SDK installed later (after our instruments exist) sees everything from then on.
+        # An SDK installed later (after our instruments exist) sees the counts kept so far
+        # (the tallies are the process's own: 20,001 calls above) and everything from then on.
         from opentelemetry import metrics, trace
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -876,7 +878,7 @@ def test_without_sdk_everything_is_a_cheap_no_op() -> None:
             for metric in sm.metrics if metric.name == "queue_messages_completed"
             for point in metric.data.data_points
         ]
-        assert completed == [1], completed
+        assert completed == [20002], completed
         assert [span.name for span in exporter.get_finished_spans()] == ["process orders"]
         print(json.dumps(result))
         """
@@ -996,3 +998,112 @@ async def test_a_real_run_reports_metrics_and_one_trace_per_message(
     settles = [s for s in spans if s.name in (f"complete {queue}", f"dead_letter {queue}")]
     assert len(settles) == 6
     assert all(s.context.trace_id == send.context.trace_id for s in settles)
+
+
+# -- issue 15: what the telemetry said that was not true ------------------------------------------
+
+
+async def test_a_real_run_counts_handler_errors_empty_polls_and_sets_end_reasons(
+    otel: Otel, queue: str, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Handler exceptions reach ``queue_errors_total``; every receive call (empty long polls
+    included) is in the receive histogram; each session span carries its end reason; the
+    dead-letter ERROR line carries the message's own trace, not the session's."""
+    caplog.set_level(logging.INFO, logger="queue_runtime")
+    kinds = {"s-1": ["ok", "flaky", "ok"], "s-2": ["poison", "ok"]}
+    messages = [Message.json({"kind": k}, session_id=s) for s, ks in kinds.items() for k in ks]
+    config = SupervisorConfig(
+        queue=queue,
+        retry=RetryPolicy(max_attempts=2, initial_backoff=0.5, jitter=0.0),
+        session_idle_timeout=3.0,
+        receive_timeout=1.0,
+    )
+    async with InMemoryProvider() as provider:
+        await QueueClient(provider).send_batch(queue, messages)
+        supervisor = Supervisor(provider, _Actor, config)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.serve)
+            with trio.fail_after(60):
+                while supervisor.stats().sessions_started < 2 or supervisor.stats().active_sessions:
+                    await trio.sleep(0.1)
+            supervisor.stop()
+        supervisor.telemetry.close()
+
+    # flaky once + poison twice, by class name.
+    assert value(otel, "queue_errors", queue, error_type="ValueError") == 3
+    # Each session: one receive with messages, then empty 1 s polls until 3 s idle.
+    receive = points(otel, "queue_receive_duration_seconds", queue)[frozenset({("queue", queue)})]
+    assert isinstance(receive, HistogramDataPoint)
+    assert receive.count >= 2 + 2 * 2, receive.count
+    spans = otel.spans.get_finished_spans()
+    sessions = [s for s in spans if s.name == f"session {queue}"]
+    assert len(sessions) == 2
+    assert all(s.attributes and s.attributes["queue_runtime.session.end_reason"] == "idle" for s in sessions)
+    (send,) = [s for s in spans if s.name == f"send {queue}"]
+    (dead,) = [r for r in caplog.records if getattr(r, "operation", None) == "dead_letter"]
+    assert dead.trace_id == f"{send.context.trace_id:032x}"  # the message's trace
+
+
+def test_each_label_has_its_own_cap(otel: Otel, queue: str) -> None:
+    """A flood of distinct dead-letter reasons must not turn session end reasons (or error
+    types) into "other": the session lock-timeout alert reads them."""
+    t = Telemetry(queue, "memory")
+    m = received()
+    for index in range(telemetry_module.MAX_LABEL_VALUES + 10):
+        t.message_dead_lettered(m, f"reason-{queue}-{index}", None)
+    assert value(otel, "queue_messages_dead_lettered", queue, reason="other") >= 10  # cap reached
+    t.session_ended("s", seconds=1.0, reason=f"ended-{queue}")
+    assert value(otel, "queue_sessions_abandoned", queue, reason=f"ended-{queue}") == 1
+    t.handler_failed(type(f"Err{queue[-6:]}", (Exception,), {})())
+    assert value(otel, "queue_errors", queue, error_type=f"Err{queue[-6:]}") == 1
+
+
+def test_histograms_are_the_same_through_every_reader(otel: Otel, queue: str) -> None:
+    """The pre-aggregated histograms: same bounds, counts and sums on the in-memory reader and
+    on the Prometheus scrape, bucket edges inclusive (``le``)."""
+    t = Telemetry(queue, "memory")
+    for seconds in (0.001, 0.0011, 0.5, 0.5, 61.0):
+        t.handled(seconds)
+    point = points(otel, "queue_process_duration_seconds", queue)[frozenset({("queue", queue)})]
+    assert isinstance(point, HistogramDataPoint)
+    assert tuple(point.explicit_bounds) == LATENCY_BUCKETS
+    assert point.count == 5 and point.sum == pytest.approx(62.0021)
+    assert point.min == 0.001 and point.max == 61.0
+    counts = dict(zip([*LATENCY_BUCKETS, math.inf], point.bucket_counts, strict=True))
+    assert counts[0.001] == 1 and counts[0.0025] == 1 and counts[0.5] == 2 and counts[math.inf] == 1
+    scraped = {
+        (sample.name, sample.labels.get("le")): sample.value
+        for family in text_string_to_metric_families(render_metrics().decode())
+        for sample in family.samples
+        if sample.labels.get("queue") == queue
+    }
+    assert scraped[("queue_process_duration_seconds_count", None)] == 5
+    assert scraped[("queue_process_duration_seconds_bucket", "0.001")] == 1
+    assert scraped[("queue_process_duration_seconds_bucket", "0.5")] == 4
+    assert scraped[("queue_process_duration_seconds_bucket", "+Inf")] == 5
+    assert scraped[("queue_process_duration_seconds_sum", None)] == pytest.approx(62.0021)
+
+
+def test_a_traceparent_in_correlation_id_is_the_producer_context(
+    otel: Otel, queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The operations guide propagates trace context through ``correlation_id``: a message
+    with a W3C ``traceparent`` there (and none in its properties) continues that trace."""
+    caplog.set_level(logging.DEBUG, logger="queue_runtime")
+    trace_id, span_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    t = Telemetry(queue, "memory")
+    m = received(correlation_id=f"00-{trace_id}-{span_id}-01")
+    plain = received(correlation_id="order-1234")
+    with t.session_span("s-1"):
+        with t.process_span(m, 1):
+            pass
+        with t.process_span(plain, 1):
+            pass
+        t.message_completed(m, seconds=0.001)
+    process, process_plain = [s for s in otel.spans.get_finished_spans() if s.name == f"process {queue}"]
+    assert f"{process.context.trace_id:032x}" == trace_id
+    assert process.parent is not None and f"{process.parent.span_id:016x}" == span_id
+    (session,) = [s for s in otel.spans.get_finished_spans() if s.name == f"session {queue}"]
+    assert process_plain.parent is not None and process_plain.parent.span_id == session.context.span_id
+    (completed,) = [r for r in caplog.records if getattr(r, "operation", None) == "complete"]
+    assert completed.trace_id == trace_id

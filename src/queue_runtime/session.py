@@ -450,89 +450,93 @@ class Session:
         started = trio.current_time()
         actor: SessionActor[Any] | None = None
         reason: StopReason = "error"
-        try:
-            rt.sessions.add(self)
-            rt.counters.sessions_started += 1
-            telemetry.session_accepted(self.session_id)
-            with self._lock_scope:
-                rt.renewer.track(self)
-                try:
-                    previous, self._previous = self._previous, None
-                    if previous is not None and not await self._outlive(previous):
-                        reason = "shutdown"  # stopped while waiting: the finally hands it back
-                        return reason
-                    actor = rt.actor_class()
-                    if self.session_id is not None:
-                        actor.session_id = self.session_id
-                        actor.session = SessionHandle(
-                            self.session_id, self.receiver.get_state, self.receiver.set_state
-                        )
-                    with telemetry.session_span(self.session_id):
+        # The session span covers the whole life, clean-up included, so the end reason is
+        # set on it (`session_ended`) before it closes.
+        with telemetry.session_span(self.session_id):
+            try:
+                rt.sessions.add(self)
+                rt.counters.sessions_started += 1
+                telemetry.session_accepted(self.session_id)
+                with self._lock_scope:
+                    rt.renewer.track(self)
+                    try:
+                        previous, self._previous = self._previous, None
+                        if previous is not None and not await self._outlive(previous):
+                            reason = "shutdown"  # stopped while waiting: the finally hands it back
+                            return reason
+                        actor = rt.actor_class()
+                        if self.session_id is not None:
+                            actor.session_id = self.session_id
+                            actor.session = SessionHandle(
+                                self.session_id, self.receiver.get_state, self.receiver.set_state
+                            )
                         if rt.calls_on_start:
                             await actor.on_start()
-                        # (Dispatched here, not in a helper: every await level is paid again
-                        # at each wait and wake-up of the session.)
+                        # (Dispatched here, not in a helper: every await level is paid again at
+                        # each wait and wake-up of the session.)
                         concurrency = self._concurrency()
                         if concurrency == 1:
                             reason = await self._ordered_loop(actor)
                         else:
                             reason = await self._concurrent_loop(actor, concurrency)
-                except _LockLost as lost:
-                    self.lock_lost(lost.cause)
-                except _SessionFailed as failed:
-                    if not failed.reported:
-                        telemetry.error(failed.cause, operation="settle")
-                    reason = "error"
-                except Exception as error:
-                    telemetry.log(
-                        40,
-                        f"actor failed outside handle(): {describe_exception(error)}",
-                        operation="process",
-                        session_id=self.session_id,
-                    )
-                    reason = "error"
-            if self._lost is not None:
-                reason = "lock_lost"
-                rt.counters.lock_lost += 1
-                telemetry.error(self._lost, operation="renew_lock")
-        finally:
-            try:
-                rt.renewer.untrack(self)
-                rt.sessions.discard(self)
-                cancelled = await _being_cancelled()
-                if cancelled:
-                    reason = "shutdown"
-                self.stop_reason = reason
-                # Each clean-up step has its own bound and runs whatever happened to the one
-                # before: a hand-back stuck on a stalled broker must not skip on_stop, nor the
-                # close that releases the session.
-                if self._lost is None and not cancelled:
-                    with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT):
-                        await self._hand_back()
-                if actor is not None and rt.calls_on_stop:
-                    limit = 1.0 if cancelled else CLEANUP_TIMEOUT
-                    with trio.CancelScope(shield=True, deadline=trio.current_time() + limit):
-                        try:
-                            await actor.on_stop(reason)
-                        except Exception as error:
-                            telemetry.log(
-                                40,
-                                f"on_stop failed: {describe_exception(error)}",
-                                operation="process",
-                                session_id=self.session_id,
-                            )
-                with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT):
-                    try:
-                        await self.receiver.aclose()
-                    except QueueError as error:
-                        telemetry.error(error, operation="release")
-                telemetry.session_ended(self.session_id, seconds=trio.current_time() - started, reason=reason)
+                    except _LockLost as lost:
+                        self.lock_lost(lost.cause)
+                    except _SessionFailed as failed:
+                        if not failed.reported:
+                            telemetry.error(failed.cause, operation="settle")
+                        reason = "error"
+                    except Exception as error:
+                        telemetry.log(
+                            40,
+                            f"actor failed outside handle(): {describe_exception(error)}",
+                            operation="process",
+                            session_id=self.session_id,
+                        )
+                        reason = "error"
+                if self._lost is not None:
+                    reason = "lock_lost"
+                    rt.counters.lock_lost += 1
+                    telemetry.error(self._lost, operation="renew_lock")
             finally:
-                self._finished = True
-                if self.session_id is not None and rt.holders.get(self.session_id) is self:
-                    del rt.holders[self.session_id]
-                if self._ended is not None:
-                    self._ended.set()
+                try:
+                    rt.renewer.untrack(self)
+                    rt.sessions.discard(self)
+                    cancelled = await _being_cancelled()
+                    if cancelled:
+                        reason = "shutdown"
+                    self.stop_reason = reason
+                    # Each clean-up step has its own bound and runs whatever happened to the one
+                    # before: a hand-back stuck on a stalled broker must not skip on_stop, nor the
+                    # close that releases the session.
+                    if self._lost is None and not cancelled:
+                        with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT):
+                            await self._hand_back()
+                    if actor is not None and rt.calls_on_stop:
+                        limit = 1.0 if cancelled else CLEANUP_TIMEOUT
+                        with trio.CancelScope(shield=True, deadline=trio.current_time() + limit):
+                            try:
+                                await actor.on_stop(reason)
+                            except Exception as error:
+                                telemetry.log(
+                                    40,
+                                    f"on_stop failed: {describe_exception(error)}",
+                                    operation="process",
+                                    session_id=self.session_id,
+                                )
+                    with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT):
+                        try:
+                            await self.receiver.aclose()
+                        except QueueError as error:
+                            telemetry.error(error, operation="release")
+                    telemetry.session_ended(
+                        self.session_id, seconds=trio.current_time() - started, reason=reason
+                    )
+                finally:
+                    self._finished = True
+                    if self.session_id is not None and rt.holders.get(self.session_id) is self:
+                        del rt.holders[self.session_id]
+                    if self._ended is not None:
+                        self._ended.set()
                 if self._on_exit is not None:
                     self._on_exit()
         return reason
@@ -622,6 +626,8 @@ class Session:
                             self._phase = _BUSY
                         self._receive_backoff = None
                         if not received:
+                            if rt.observing():  # an empty long poll is a receive call too
+                                rt.telemetry.messages_received(received, seconds=now() - started)
                             started = now()
                             continue  # the next turn ends the session if it is idle
                         self._quiet = quiet = not rt.observing()
@@ -760,6 +766,8 @@ class Session:
                         self._end_wait(scope)
             if scope.cancelled_caught:
                 return None
+            if not received and rt.observing():  # an empty long poll is a receive call too
+                rt.telemetry.messages_received(received, seconds=rt.now() - started)
             if received:
                 self._quiet = quiet = not rt.observing()
                 if not quiet:
@@ -1006,6 +1014,7 @@ class Session:
                     )
                     return True
                 rt.counters.failed_attempts += 1
+                telemetry.handler_failed(failure)
                 if attempt >= config.retry.max_attempts:
                     await self._dead_letter(message, "MaxAttemptsExceeded", describe_exception(failure))
                     return True

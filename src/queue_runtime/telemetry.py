@@ -55,6 +55,15 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from .errors import ConfigurationError, QueueError
 from .message import Message, ReceivedMessage
 from .redaction import has_known_secrets, mask_known, redact
+from .tally import (
+    HISTOGRAMS,
+    LATENCY_BUCKETS,
+    SESSION_BUCKETS,
+    QueueTally,
+    attach,
+    counter_callback,
+    tally_for,
+)
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, Observation
@@ -85,12 +94,6 @@ logger = logging.getLogger("queue_runtime")
 
 INSTRUMENTATION_NAME: Final = "queue_runtime"
 
-#: Broker-call and handler latencies: 1 ms to 60 s, with 0.5 s exactly (the p95 alert threshold).
-LATENCY_BUCKETS: Final = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
-)  # fmt: skip
-#: Session lifetimes: 100 ms to 1 h (an idle actor lives at least ``session_idle_timeout``).
-SESSION_BUCKETS: Final = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 #: Most distinct values a code-derived label (reason, error_type) takes per process.
 MAX_LABEL_VALUES: Final = 50
 _MAX_LABEL_LENGTH: Final = 64
@@ -224,49 +227,45 @@ def _safe(callback: Callable[[], Any] | None) -> Any:
 
 class _Instruments:
     """Every instrument, created once per process from the global meter (a proxy until an SDK
-    is installed, after which the API forwards to it)."""
+    is installed, after which the API forwards to it).
+
+    Counters are observable: their callbacks read the per-queue tallies (`queue_runtime.tally`)
+    the runtime adds to per message. Histograms are produced from the tallies at collection
+    (`tally.attach`), or forwarded per value to the API instruments `forwarding` makes when the
+    meter provider is not the SDK's."""
 
     def __init__(self) -> None:
-        meter = metrics.get_meter(INSTRUMENTATION_NAME)
+        meter = self.meter = metrics.get_meter(INSTRUMENTATION_NAME)
 
-        def counter(name: str, description: str) -> metrics.Counter:
+        def counter(name: str, description: str, attribute: str, label: str | None = None) -> None:
             # Unit "1": Prometheus exporters append only "_total" to counters.
-            return meter.create_counter(name, unit="1", description=description)
+            meter.create_observable_counter(
+                name, [counter_callback(attribute, label)], unit="1", description=description
+            )
 
-        def histogram(name: str, description: str, buckets: tuple[float, ...]) -> metrics.Histogram:
-            # The "_seconds" suffix is in the name and the unit is "s": exporters that add unit
-            # suffixes see it is already there, and those that don't still show the full name.
-            try:
-                return meter.create_histogram(
-                    name, unit="s", description=description, explicit_bucket_boundaries_advisory=buckets
-                )
-            except TypeError:  # pragma: no cover - API older than 1.23: SDK default buckets
-                return meter.create_histogram(name, unit="s", description=description)
-
-        self.sent = counter("queue_messages_sent", "Messages sent, by status (success/failure).")
-        self.received = counter("queue_messages_received", "Messages received from the broker.")
-        self.completed = counter("queue_messages_completed", "Messages completed after handle().")
-        self.abandoned = counter("queue_messages_abandoned", "Messages handed back to the queue.")
-        self.dead_lettered = counter("queue_messages_dead_lettered", "Messages moved to the DLQ, by reason.")
-        self.errors = counter("queue_errors", "Errors, by error type.")
-        self.retries = counter("queue_retry_attempts", "handle() attempts after the first.")
-        self.sessions_accepted = counter("queue_sessions_accepted", "Sessions accepted.")
-        self.sessions_completed = counter("queue_sessions_completed", "Sessions released (idle/shutdown).")
-        self.sessions_abandoned = counter("queue_sessions_abandoned", "Sessions lost (lock_lost/error).")
-        self.send_duration = histogram("queue_send_duration_seconds", "Send call latency.", LATENCY_BUCKETS)
-        self.receive_duration = histogram(
-            "queue_receive_duration_seconds", "Receive call latency (long-poll wait included).",
-            LATENCY_BUCKETS,
-        )  # fmt: skip
-        self.complete_duration = histogram(
-            "queue_complete_duration_seconds", "Complete call latency.", LATENCY_BUCKETS
-        )
-        self.process_duration = histogram(
-            "queue_process_duration_seconds", "handle() duration, per attempt.", LATENCY_BUCKETS
-        )
-        self.session_duration = histogram(
-            "queue_session_duration_seconds", "Session (actor) lifetime.", SESSION_BUCKETS
-        )
+        for name, description, attribute, label in (
+            ("queue_messages_sent", "Messages sent, by status (success/failure).", "sent", "status"),
+            ("queue_messages_received", "Messages received from the broker.", "received", None),
+            ("queue_messages_completed", "Messages completed after handle().", "completed", None),
+            ("queue_messages_abandoned", "Messages handed back to the queue.", "abandoned", None),
+            (
+                "queue_messages_dead_lettered",
+                "Messages moved to the DLQ, by reason.",
+                "dead_lettered",
+                "reason",
+            ),
+            ("queue_errors", "Errors, by error type (handler exceptions included).", "errors", "error_type"),
+            ("queue_retry_attempts", "handle() attempts after the first.", "retries", None),
+            ("queue_sessions_accepted", "Sessions accepted.", "sessions_accepted", None),
+            (
+                "queue_sessions_completed",
+                "Sessions released (idle/shutdown).",
+                "sessions_completed",
+                "reason",
+            ),
+            ("queue_sessions_abandoned", "Sessions lost (lock_lost/error).", "sessions_abandoned", "reason"),
+        ):
+            counter(name, description, attribute, label)
         self.gauges = _Gauges()
         meter.create_observable_gauge(
             "queue_active_sessions", [self.gauges.active_sessions], unit="1",
@@ -288,8 +287,27 @@ class _Instruments:
             "queue_oldest_message_age_seconds", [self.gauges.oldest_age], unit="s",
             description="Age of the oldest active message.",
         )  # fmt: skip
-        self.reason_label = _LabelCap(MAX_LABEL_VALUES)
+        # Each label its own cap: a flood of distinct dead-letter reasons must not push lock
+        # losses (a session-end reason) into "other".
+        self.status_label = _LabelCap(MAX_LABEL_VALUES)
+        self.dead_letter_label = _LabelCap(MAX_LABEL_VALUES)
         self.error_label = _LabelCap(MAX_LABEL_VALUES)
+        self.session_end_label = _LabelCap(MAX_LABEL_VALUES)
+
+    def forwarding(self) -> dict[str, Any]:
+        """API histograms, one per tally histogram, for a meter provider `tally.attach` cannot
+        extend (each value is then recorded through the API, at the API's cost)."""
+        instruments = {}
+        for name, description, buckets in HISTOGRAMS:
+            # The "_seconds" suffix is in the name and the unit is "s": exporters that add unit
+            # suffixes see it is already there, and those that don't still show the full name.
+            try:
+                instruments[name] = self.meter.create_histogram(
+                    name, unit="s", description=description, explicit_bucket_boundaries_advisory=buckets
+                )
+            except TypeError:  # pragma: no cover - API older than 1.23: SDK default buckets
+                instruments[name] = self.meter.create_histogram(name, unit="s", description=description)
+        return instruments
 
 
 _instruments: _Instruments | None = None
@@ -331,6 +349,11 @@ def metrics_enabled() -> bool:
         return True
     if _PEEK_METER and _metrics_api._METER_PROVIDER is None:
         return False
+    provider = metrics.get_meter_provider()
+    if isinstance(provider, _metrics_api._ProxyMeterProvider | _metrics_api.NoOpMeterProvider):
+        return False
+    instruments = _get_instruments()
+    attach(provider, INSTRUMENTATION_NAME, instruments.forwarding)
     _metrics_on = True
     return True
 
@@ -367,30 +390,57 @@ def tracing_enabled() -> bool:
 
 
 class _Timer:
-    """Records the block's duration into a histogram (the no-SDK `process_span`)."""
+    """Records the block's duration into a tally's ``process_duration`` (the no-SDK
+    `process_span`)."""
 
-    __slots__ = ("_attrs", "_histogram", "_started")
+    __slots__ = ("_started", "_tally")
 
-    def __init__(self, histogram: metrics.Histogram, attrs: dict[str, str]) -> None:
-        self._histogram = histogram
-        self._attrs = attrs
+    def __init__(self, tally: QueueTally) -> None:
+        self._tally = tally
         self._started = 0.0
 
     def __enter__(self) -> None:
         self._started = time.perf_counter()
 
     def __exit__(self, *exc_info: object) -> None:
-        self._histogram.record(time.perf_counter() - self._started, self._attrs)
+        self._tally.process_duration.record(time.perf_counter() - self._started)
 
 
 _NULL: Final[AbstractContextManager[None]] = contextlib.nullcontext()
 
 
+def _traceparent(message: Message) -> str | None:
+    """The W3C ``traceparent`` a message carries: its ``traceparent`` property, or else its
+    ``correlation_id`` when that is one (the operations guide propagates trace context there)."""
+    carried = message.properties.get("traceparent")
+    if carried is not None:
+        return carried
+    correlation = message.correlation_id
+    if correlation is not None and len(correlation) == 55 and correlation[2] == correlation[35] == "-":
+        return correlation
+    return None
+
+
+def _carried_trace_id(message: Message) -> str | None:
+    """The trace id (32 hex digits) of the trace context ``message`` carries, if valid."""
+    carried = _traceparent(message)
+    if carried is None or len(carried) < 55 or carried[2] != "-":
+        return None
+    trace_id = carried[3:35].lower()
+    if trace_id == "0" * 32 or not all(c in "0123456789abcdef" for c in trace_id):
+        return None
+    return trace_id
+
+
 def _producer_context(message: ReceivedMessage) -> Context | None:
-    """The producer's context from the message properties, or None when it carries none."""
+    """The producer's context from the message properties (``traceparent``/``tracestate``,
+    or a ``traceparent`` in ``correlation_id`` when the properties carry none), or None."""
     properties = message.message.properties
     if "traceparent" not in properties:
-        return None
+        carried = _traceparent(message.message)
+        if carried is None:
+            return None
+        properties = {"traceparent": carried}
     context = propagate.extract(properties)
     if not trace.get_current_span(context).get_span_context().is_valid:
         return None
@@ -436,9 +486,9 @@ class Telemetry:
         self.queue = queue
         self.system = system
         self._metrics = _get_instruments()
-        self._attrs: dict[str, str] = {"queue": queue}
-        self._status_attrs: dict[str, dict[str, str]] = {}
-        self._label_attrs: dict[tuple[str, str], dict[str, str]] = {}
+        #: This queue's counts and histograms (shared by every `Telemetry` of the queue).
+        self.tally: QueueTally = tally_for(queue)
+        metrics_enabled()  # an SDK set up already: its readers collect our histograms from now
         self._span_attrs: dict[str, str] = {
             "messaging.system": system,
             "messaging.destination": queue,
@@ -458,27 +508,18 @@ class Telemetry:
     def __repr__(self) -> str:
         return f"Telemetry(queue={self.queue!r}, system={self.system!r})"
 
-    def _labelled(self, key: str, value: str) -> dict[str, str]:
-        cache_key = (key, value)
-        attrs = self._label_attrs.get(cache_key)
-        if attrs is None:
-            cap = self._metrics.error_label if key == "error_type" else self._metrics.reason_label
-            attrs = {"queue": self.queue, key: cap(value)}
-            if len(self._label_attrs) < 4 * MAX_LABEL_VALUES:
-                self._label_attrs[cache_key] = attrs
-        return attrs
-
     # -- metrics ---------------------------------------------------------------------------
+    # Per call: integer and histogram arithmetic on `self.tally` (read by the instruments at
+    # collection), then a log line only if its level is on.
     def messages_sent(self, count: int, *, status: str, seconds: float) -> None:
         """``queue_messages_sent_total{queue,status}`` += count; send duration recorded.
 
         ``status`` is ``"success"`` or ``"failure"``. A failure also logs a WARNING (the
         error itself is reported through `error`)."""
-        attrs = self._status_attrs.get(status)
-        if attrs is None:
-            attrs = self._status_attrs.setdefault(status, {"queue": self.queue, "status": status[:32]})
-        self._metrics.sent.add(count, attrs)
-        self._metrics.send_duration.record(seconds, self._attrs)
+        tally = self.tally
+        label = self._metrics.status_label(status)
+        tally.sent[label] = tally.sent.get(label, 0) + count
+        tally.send_duration.record(seconds)
         level = MESSAGE_EVENT_LEVEL if status == "success" else logging.WARNING
         if logger.isEnabledFor(level):
             self.log(level, f"sent {count} message(s): {status}", operation="send", count=count,
@@ -490,10 +531,9 @@ class Telemetry:
 
         A non-empty batch also makes a ``receive`` span (CONSUMER) covering the last
         ``seconds``, linked to each message's producer context, and a DEBUG line per message."""
-        if _metrics_on or metrics_enabled():
-            if messages:
-                self._metrics.received.add(len(messages), self._attrs)
-            self._metrics.receive_duration.record(seconds, self._attrs)
+        tally = self.tally
+        tally.received += len(messages)
+        tally.receive_duration.record(seconds)
         if messages and tracing_enabled():
             self._receive_span(messages, seconds)
         if messages and logger.isEnabledFor(MESSAGE_EVENT_LEVEL):
@@ -527,16 +567,16 @@ class Telemetry:
 
     def message_completed(self, message: ReceivedMessage, *, seconds: float) -> None:
         """``queue_messages_completed_total`` += 1; ``queue_complete_duration_seconds``."""
-        if _metrics_on or metrics_enabled():
-            self._metrics.completed.add(1, self._attrs)
-            self._metrics.complete_duration.record(seconds, self._attrs)
+        tally = self.tally
+        tally.completed += 1
+        tally.complete_duration.record(seconds)
         if logger.isEnabledFor(MESSAGE_EVENT_LEVEL):
             self.log(MESSAGE_EVENT_LEVEL, "completed", operation="complete", message=message,
                      duration_ms=round(seconds * 1000, 3))  # fmt: skip
 
     def message_abandoned(self, message: ReceivedMessage) -> None:
         """``queue_messages_abandoned_total`` += 1 and an INFO line (handed back to the queue)."""
-        self._metrics.abandoned.add(1, self._attrs)
+        self.tally.abandoned += 1
         if logger.isEnabledFor(logging.INFO):
             self.log(
                 logging.INFO, "abandoned (handed back to the queue)", operation="abandon", message=message
@@ -545,7 +585,9 @@ class Telemetry:
     def message_dead_lettered(self, message: ReceivedMessage, reason: str, description: str | None) -> None:
         """``queue_messages_dead_lettered_total{queue,reason}`` += 1 and an ERROR log with the
         reason and the (redacted, truncated) description; never the body."""
-        self._metrics.dead_lettered.add(1, self._labelled("reason", reason))
+        counts = self.tally.dead_lettered
+        label = self._metrics.dead_letter_label(reason)
+        counts[label] = counts.get(label, 0) + 1
         if logger.isEnabledFor(logging.ERROR):
             self.log(
                 logging.ERROR, f"dead-lettered: {_short(reason)}", operation="dead_letter", message=message,
@@ -555,7 +597,7 @@ class Telemetry:
     def retry_attempt(self, message: ReceivedMessage, attempt: int, error: BaseException) -> None:
         """``queue_retry_attempts_total`` += 1 (``attempt`` is the attempt about to run, 2, 3, …)
         and a WARNING naming the error type and its redacted text."""
-        self._metrics.retries.add(1, self._attrs)
+        self.tally.retries += 1
         if logger.isEnabledFor(logging.WARNING):
             text = f"retrying (attempt {attempt}) after {_error_text(error)}"
             self.log(
@@ -563,18 +605,29 @@ class Telemetry:
                 error_type=error_type(error),
             )  # fmt: skip
 
+    def _count_error(self, kind: str) -> None:
+        counts = self.tally.errors
+        label = self._metrics.error_label(kind)
+        counts[label] = counts.get(label, 0) + 1
+
     def error(self, error: BaseException, *, operation: str) -> None:
         """``queue_errors_total{queue,error_type}`` += 1 and a log line: WARNING for transient
         errors (they are retried), ERROR for permanent ones. The text is redacted."""
         kind = error_type(error)
-        self._metrics.errors.add(1, self._labelled("error_type", kind))
+        self._count_error(kind)
         level = logging.WARNING if getattr(error, "transient", False) else logging.ERROR
         if logger.isEnabledFor(level):
             self.log(level, f"{operation} failed: {_error_text(error)}", operation=operation, error_type=kind)
 
+    def handler_failed(self, error: BaseException) -> None:
+        """``queue_errors_total{queue,error_type}`` += 1 for an exception ``handle()`` raised
+        (``error_type`` is its class name). No log line: `retry_attempt` or the dead-letter
+        line that follows says what happened."""
+        self._count_error(error_type(error))
+
     def session_accepted(self, session_id: str | None) -> None:
         """``queue_sessions_accepted_total`` += 1 and an INFO line."""
-        self._metrics.sessions_accepted.add(1, self._attrs)
+        self.tally.sessions_accepted += 1
         if logger.isEnabledFor(logging.INFO):
             self.log(logging.INFO, "session accepted", operation="accept_session", session_id=session_id)
 
@@ -582,11 +635,14 @@ class Telemetry:
         """``queue_sessions_completed_total{reason}`` (idle/shutdown) or
         ``queue_sessions_abandoned_total{reason}`` (lock_lost/error/anything else) += 1;
         ``queue_session_duration_seconds`` recorded; INFO line, WARNING when abandoned. The reason
-        is also set on the current span when it is recording (the session span)."""
+        is also set on the current span when it is recording (the session span: call this
+        inside `session_span`)."""
         completed = reason in ("idle", "shutdown")
-        counter = self._metrics.sessions_completed if completed else self._metrics.sessions_abandoned
-        counter.add(1, self._labelled("reason", reason))
-        self._metrics.session_duration.record(seconds, self._attrs)
+        tally = self.tally
+        counts = tally.sessions_completed if completed else tally.sessions_abandoned
+        label = self._metrics.session_end_label(reason)
+        counts[label] = counts.get(label, 0) + 1
+        tally.session_duration.record(seconds)
         span = trace.get_current_span()
         if span.is_recording():
             span.set_attribute("queue_runtime.session.end_reason", reason)
@@ -651,7 +707,7 @@ class Telemetry:
         ``messaging.message.delivery_count`` and ``queue_runtime.attempt``. An exception is
         recorded (redacted text) and the status set to ERROR, then re-raised. Also records
         ``queue_process_duration_seconds`` (always, SDK or not)."""
-        timer = _Timer(self._metrics.process_duration, self._attrs)
+        timer = _Timer(self.tally)
         if not tracing_enabled():
             return timer
         return self._timed_span(timer, message, attempt)
@@ -659,8 +715,7 @@ class Telemetry:
     def handled(self, seconds: float) -> None:
         """Record one ``handle()`` call's duration (what `process_span` records, for callers
         that time the call themselves when tracing is off)."""
-        if _metrics_on or metrics_enabled():
-            self._metrics.process_duration.record(seconds, self._attrs)
+        self.tally.process_duration.record(seconds)
 
     @contextlib.contextmanager
     def _timed_span(self, timer: _Timer, message: ReceivedMessage, attempt: int) -> Iterator[None]:
@@ -767,9 +822,17 @@ class Telemetry:
         if session_id is not None:
             extra["session_id"] = session_id
         context = trace.get_current_span().get_span_context()
-        if context.is_valid:
-            extra["trace_id"] = f"{context.trace_id:032x}"
-            extra["span_id"] = f"{context.span_id:016x}"
+        trace_id = f"{context.trace_id:032x}" if context.is_valid else None
+        if message is not None:
+            # A line about a message belongs to the message's trace (the producer's, which its
+            # process span continues), even when written outside that span.
+            carried = _carried_trace_id(message if isinstance(message, Message) else message.message)
+            if carried is not None and carried != trace_id:
+                trace_id, context = carried, trace.INVALID_SPAN_CONTEXT
+        if trace_id is not None:
+            extra["trace_id"] = trace_id
+            if context.is_valid:
+                extra["span_id"] = f"{context.span_id:016x}"
         for key, value in fields.items():
             extra[f"x_{key}" if key in _RESERVED else key] = value
         logger.log(level, text, extra=extra)
