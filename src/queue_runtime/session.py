@@ -389,6 +389,10 @@ class Session:
         self._renew_bound = self._renew_now
         self._dead_letter_bound = self._dead_letter
         self._quiet = False  # `not Runtime.observing()`, as of the last receive
+        #: Whether spans under the session span are all dropped (tracing off, or the session
+        #: span unsampled under a parent-based sampler): then only messages that carry their
+        #: own trace context get spans. Set when the session span opens.
+        self._children_dropped = False
         self._lost: BaseException | None = None
         self._message_locks: dict[str, _MessageLock] = {}
         self.stop_reason: StopReason | None = None
@@ -453,6 +457,7 @@ class Session:
         # The session span covers the whole life, clean-up included, so the end reason is
         # set on it (`session_ended`) before it closes.
         with telemetry.session_span(self.session_id):
+            self._children_dropped = telemetry.children_dropped()
             try:
                 rt.sessions.add(self)
                 rt.counters.sessions_started += 1
@@ -898,6 +903,20 @@ class Session:
         receiver = self.receiver
         lock = self._message_locks.get(message.receipt) if self.session_id is None else None
         quiet = self._quiet
+        # Spans for this message: asked for by a Telemetry subclass, or tracing on and not
+        # known to be dropped (an unsampled session's messages that carry no trace context).
+        traced = not quiet and (
+            rt.own_process_span
+            or rt.own_settle_span
+            or (
+                tracing_enabled()
+                and (
+                    not self._children_dropped
+                    or "traceparent" in message.message.properties
+                    or message.message.correlation_id is not None
+                )
+            )
+        )
         self._current = message
         cancelled = False
         try:
@@ -958,7 +977,7 @@ class Session:
                         try:
                             if quiet:
                                 await actor.handle(body, context)
-                            elif rt.own_process_span or tracing_enabled():
+                            elif traced:
                                 with telemetry.process_span(message, attempt):
                                     await actor.handle(body, context)
                             else:
@@ -991,7 +1010,7 @@ class Session:
                 if failure is None:
                     if context.settled:
                         return True
-                    if not quiet and (rt.own_settle_span or tracing_enabled()):
+                    if traced:
                         await self._complete(message)
                         return True
                     # `_complete` without a span, written in (once per message): the broker is

@@ -40,17 +40,18 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
+from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.environment_variables import OTEL_PYTHON_METER_PROVIDER, OTEL_PYTHON_TRACER_PROVIDER
 from opentelemetry.metrics import _internal as _metrics_api
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from .errors import ConfigurationError, QueueError
 from .message import Message, ReceivedMessage
@@ -383,10 +384,38 @@ def tracing_enabled() -> bool:
         return True
     if _PEEK_GLOBAL and trace._TRACER_PROVIDER is None:
         return False
-    if isinstance(trace.get_tracer_provider(), _NO_SDK_TYPES):
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, _NO_SDK_TYPES):
         return False
+    global _drops_unsampled
+    _drops_unsampled = _unsampled_parents_dropped(provider)
     _tracing_on = True
     return True
+
+
+#: Whether the tracer provider's sampler drops every span whose parent is not sampled:
+#: (remote parent, local parent). True for the SDK's parent-based samplers with their default
+#: delegates (``OTEL_TRACES_SAMPLER=parentbased_*``). Then a span under an unsampled parent is
+#: not even handed to the SDK (see `Telemetry._unsampled`).
+_drops_unsampled: tuple[bool, bool] = (False, False)
+
+
+def _unsampled_parents_dropped(provider: Any) -> tuple[bool, bool]:
+    try:
+        from opentelemetry.sdk.trace.sampling import Decision, ParentBased, StaticSampler
+    except ImportError:  # pragma: no cover - an SDK other than the reference one
+        return False, False
+    sampler = getattr(provider, "sampler", None)
+    if not isinstance(sampler, ParentBased):
+        return False, False
+
+    def drops(delegate: Any) -> bool:
+        return isinstance(delegate, StaticSampler) and getattr(delegate, "_decision", None) is Decision.DROP
+
+    return (
+        drops(getattr(sampler, "_remote_parent_not_sampled", None)),
+        drops(getattr(sampler, "_local_parent_not_sampled", None)),
+    )
 
 
 class _Timer:
@@ -407,6 +436,31 @@ class _Timer:
 
 
 _NULL: Final[AbstractContextManager[None]] = contextlib.nullcontext()
+
+
+class _Continued:
+    """The unsampled stand-in for a process or settle span under a remote, unsampled parent:
+    the producer's span context is the current span for the block, so what the handler sends
+    carries the trace on (unsampled, as the producer decided); nothing is recorded. With a
+    tally, the block's duration is recorded as `_Timer` does."""
+
+    __slots__ = ("_context", "_started", "_tally", "_token")
+
+    def __init__(self, span_context: SpanContext, tally: QueueTally | None) -> None:
+        self._context = span_context
+        self._tally = tally
+        self._started = 0.0
+        self._token: object = None
+
+    def __enter__(self) -> None:
+        self._token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(self._context)))
+        if self._tally is not None:
+            self._started = time.perf_counter()
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._tally is not None:
+            self._tally.process_duration.record(time.perf_counter() - self._started)
+        otel_context.detach(self._token)  # type: ignore[arg-type]
 
 
 def _traceparent(message: Message) -> str | None:
@@ -430,6 +484,23 @@ def _carried_trace_id(message: Message) -> str | None:
     if trace_id == "0" * 32 or not all(c in "0123456789abcdef" for c in trace_id):
         return None
     return trace_id
+
+
+def _unsampled_remote(carried: str) -> SpanContext | None:
+    """The span context of a W3C ``traceparent`` whose sampled flag is off (None otherwise, or
+    when it does not parse: then the propagator decides, as for any other)."""
+    if len(carried) != 55 or carried[:3] != "00-" or carried[35] != "-" or carried[52] != "-":
+        return None
+    try:
+        flags = int(carried[53:], 16)
+        if flags & 1:
+            return None
+        trace_id, span_id = int(carried[3:35], 16), int(carried[36:52], 16)
+    except ValueError:
+        return None
+    if not trace_id or not span_id:
+        return None
+    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags))
 
 
 def _producer_context(message: ReceivedMessage) -> Context | None:
@@ -534,7 +605,7 @@ class Telemetry:
         tally = self.tally
         tally.received += len(messages)
         tally.receive_duration.record(seconds)
-        if messages and tracing_enabled():
+        if messages and tracing_enabled() and self._unsampled(None) is False:
             self._receive_span(messages, seconds)
         if messages and logger.isEnabledFor(MESSAGE_EVENT_LEVEL):
             for message in messages:
@@ -698,6 +769,44 @@ class Telemetry:
             f"send {self.queue}", SpanKind.PRODUCER, "send", "send", single, batch=len(messages)
         )
 
+    def _unsampled(self, message: ReceivedMessage | None) -> bool | SpanContext:
+        """Whether the span about ``message`` (parented like `process_span`) would be dropped by
+        the sampler: True when its parent is the current span and unsampled, the producer's
+        span context when that is the parent and unsampled, else False (the SDK decides).
+
+        Known only for the SDK's parent-based samplers (see `_drops_unsampled`); for any other
+        sampler the answer is False. A message carrying baggage always gets the SDK's path,
+        which extracts it."""
+        drops_remote, drops_local = _drops_unsampled
+        if not (drops_remote or drops_local):
+            return False
+        if message is not None:
+            inner = message.message
+            carried = _traceparent(inner)
+            if carried is not None:
+                if not drops_remote or "baggage" in inner.properties:
+                    return False
+                current = trace.get_current_span().get_span_context()
+                unsampled = _unsampled_remote(carried)
+                if unsampled is None:
+                    return False
+                if current.is_valid and current.trace_id == unsampled.trace_id:
+                    return not current.trace_flags.sampled and drops_local  # parent: current span
+                return unsampled
+        current = trace.get_current_span().get_span_context()
+        if not current.is_valid or current.trace_flags.sampled:
+            return False  # a root (the root sampler decides) or a sampled parent
+        return drops_remote if current.is_remote else drops_local
+
+    def children_dropped(self) -> bool:
+        """Whether every span parented by the current span would be dropped now: tracing is
+        off, or the current span is unsampled and the sampler drops the children of unsampled
+        spans (the SDK's parent-based samplers). Sessions ask once, inside `session_span`, and
+        then skip the span helpers for messages that carry no trace context of their own."""
+        if not tracing_enabled():
+            return True
+        return self._unsampled(None) is True
+
     def process_span(self, message: ReceivedMessage, attempt: int) -> AbstractContextManager[None]:
         """CONSUMER span ``process {queue}`` around one ``handle()`` call.
 
@@ -710,24 +819,29 @@ class Telemetry:
         timer = _Timer(self.tally)
         if not tracing_enabled():
             return timer
-        return self._timed_span(timer, message, attempt)
+        unsampled = self._unsampled(message)
+        if unsampled is True:
+            return timer
+        if unsampled is not False:
+            return _Continued(unsampled, self.tally)
+        return self._span(f"process {self.queue}", SpanKind.CONSUMER, "process", "process", message,
+                          follow=True, attempt=attempt, timed=True)  # fmt: skip
 
     def handled(self, seconds: float) -> None:
         """Record one ``handle()`` call's duration (what `process_span` records, for callers
         that time the call themselves when tracing is off)."""
         self.tally.process_duration.record(seconds)
 
-    @contextlib.contextmanager
-    def _timed_span(self, timer: _Timer, message: ReceivedMessage, attempt: int) -> Iterator[None]:
-        with timer, self._span(f"process {self.queue}", SpanKind.CONSUMER, "process", "process", message,
-                               follow=True, attempt=attempt):  # fmt: skip
-            yield
-
     def settle_span(self, operation: str, message: ReceivedMessage) -> AbstractContextManager[None]:
         """CLIENT span ``{operation} {queue}`` for ``complete`` / ``abandon`` / ``dead_letter``,
         parented like `process_span` (producer context, link to the current span)."""
         if not tracing_enabled():
             return _NULL
+        unsampled = self._unsampled(message)
+        if unsampled is True:
+            return _NULL
+        if unsampled is not False:
+            return _Continued(unsampled, None)
         return self._span(
             f"{operation} {self.queue}", SpanKind.CLIENT, operation, "settle", message, follow=True
         )
@@ -742,7 +856,6 @@ class Telemetry:
             f"session {self.queue}", SpanKind.INTERNAL, "session", None, None, session_id=session_id
         )
 
-    @contextlib.contextmanager
     def _span(
         self,
         name: str,
@@ -755,7 +868,8 @@ class Telemetry:
         batch: int = 0,
         attempt: int | None = None,
         session_id: str | None = None,
-    ) -> Iterator[None]:
+        timed: bool = False,
+    ) -> _SpanScope:
         parent, links = (
             _parent_and_links(message) if follow and isinstance(message, ReceivedMessage) else (None, None)
         )
@@ -777,19 +891,16 @@ class Telemetry:
             _message_attrs(attrs, message)
         if has_known_secrets():  # ids and names come from brokers and users: mask secrets
             attrs = {key: mask_known(v) if isinstance(v, str) else v for key, v in attrs.items()}
-        with (
-            _tracer.start_as_current_span(
-                name,
-                context=parent,
-                kind=kind,
-                attributes=attrs,
-                links=links,
-                record_exception=False,
-                set_status_on_exception=False,
-            ) as span,
-            _record_errors(span),
-        ):
-            yield
+        span = _tracer.start_span(
+            name,
+            context=parent,
+            kind=kind,
+            attributes=attrs,
+            links=links,
+            record_exception=False,
+            set_status_on_exception=False,
+        )
+        return _SpanScope(span, self.tally if timed else None)
 
     # -- logs ------------------------------------------------------------------------------
     def log(
@@ -850,27 +961,50 @@ def _message_attrs(attrs: dict[str, str | int], message: ReceivedMessage | Messa
         attrs["messaging.message.delivery_count"] = message.delivery_count
 
 
-@contextlib.contextmanager
-def _record_errors(span: trace.Span) -> Iterator[None]:
-    """Record an exception leaving the block on ``span`` (text redacted), then re-raise.
-    Cancellation is marked on the span but not recorded as an exception event."""
-    try:
-        yield
-    except Exception as exc:
-        if span.is_recording():
-            # The stack trace repeats the text (and source lines may hold literals): redact both.
-            stack = redact("".join(traceback.format_exception(exc)))
-            span.record_exception(
-                exc, attributes={"exception.message": _short(str(exc)) or "", "exception.stacktrace": stack}
-            )
-            span.set_attribute("error.type", error_type(exc))
-            span.set_status(Status(StatusCode.ERROR, _short(f"{type(exc).__name__}: {exc}")))
-        raise
-    except BaseException as exc:
-        if span.is_recording():
-            span.set_attribute("error.type", type(exc).__name__)
-            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-        raise
+class _SpanScope:
+    """A started span as the current span for a block (what ``start_as_current_span`` does, in
+    one object instead of three generator layers): an exception leaving the block is recorded
+    on it (text redacted; cancellation only marks the status), then it ends. With a tally, the
+    block's duration also goes to ``process_duration``."""
+
+    __slots__ = ("_span", "_started", "_tally", "_token")
+
+    def __init__(self, span: trace.Span, tally: QueueTally | None) -> None:
+        self._span = span
+        self._tally = tally
+        self._started = 0.0
+        self._token: object = None
+
+    def __enter__(self) -> None:
+        self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        if self._tally is not None:
+            self._started = time.perf_counter()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        try:
+            if self._tally is not None:
+                self._tally.process_duration.record(time.perf_counter() - self._started)
+            if exc is not None and self._span.is_recording():
+                _record_error(self._span, exc)
+        finally:
+            otel_context.detach(self._token)  # type: ignore[arg-type]
+            self._span.end()
+
+
+def _record_error(span: trace.Span, exc: BaseException) -> None:
+    """Record ``exc`` on ``span``: an exception event (redacted text and stack), ``error.type``
+    and ERROR status; for cancellation and other base exceptions only the last two."""
+    if isinstance(exc, Exception):
+        # The stack trace repeats the text (and source lines may hold literals): redact both.
+        stack = redact("".join(traceback.format_exception(exc)))
+        span.record_exception(
+            exc, attributes={"exception.message": _short(str(exc)) or "", "exception.stacktrace": stack}
+        )
+        span.set_attribute("error.type", error_type(exc))
+        span.set_status(Status(StatusCode.ERROR, _short(f"{type(exc).__name__}: {exc}")))
+    else:
+        span.set_attribute("error.type", type(exc).__name__)
+        span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
 
 
 # -- queue depth refresh -------------------------------------------------------------------------
