@@ -503,6 +503,11 @@ class SqsProvider(Provider):
         )
 
     async def queue_stats(self, queue: str) -> QueueStats:
+        """``GetQueueAttributes``: ``ApproximateNumberOfMessages`` (``active``),
+        ``...NotVisible`` (``in_flight``), ``...Delayed`` (``scheduled``), and visible plus
+        not-visible of the dead-letter queue (``QUEUE_DLQ_NAME`` or the redrive target; None
+        without one). Approximate, as SQS says. ``oldest_message_age`` is None: SQS tells it
+        only through CloudWatch (``ApproximateAgeOfOldestMessage``), not through its API."""
         meta = await self._queue_meta(queue)
         names = [
             "ApproximateNumberOfMessages",
