@@ -260,3 +260,179 @@ def test_second_signal_stops_at_once_without_settling(tmp_path: Path, sqs_endpoi
         + int(attributes["ApproximateNumberOfMessagesNotVisible"])
         == 1
     )
+
+
+# -- the depth gauges a real worker reports, per provider (docs/operations.md, "What each
+# provider reports") ----------------------------------------------------------------------------
+
+# Blocks in handle() until cancelled: what the worker received stays in flight.
+STUCK_ACTOR = """
+import trio
+
+from queue_runtime import SessionActor
+
+
+class Stuck(SessionActor[bytes]):
+    async def handle(self, body, ctx):
+        await trio.sleep_forever()
+"""
+
+# The same actor over the SDK-shaped Service Bus fake (tests/fakes/servicebus.py), living in the
+# worker process: only the SDK clients are fakes; settings, provider, supervisor, entrypoint and
+# the /metrics endpoint are the real ones. The namespace holds 5 messages in two sessions, one
+# scheduled an hour ahead and one already dead-lettered.
+SERVICEBUS_STUCK_ACTOR = """
+import sys
+from datetime import timedelta
+
+sys.path.insert(0, {tests!r})
+import trio
+from azure.servicebus import ServiceBusMessage
+
+import queue_runtime.providers.servicebus as servicebus
+from fakes.servicebus import FakeAdministrationClient, FakeNamespace
+from queue_runtime import SessionActor
+
+namespace = FakeNamespace()
+namespace.create_queue("orders")
+with namespace.lock:
+    q = namespace.queues["orders"]
+    for session in ("s1", "s1", "s1", "s2", "s2"):
+        namespace._enqueue(q, ServiceBusMessage(b"{{}}", session_id=session))
+    namespace._enqueue(
+        q,
+        ServiceBusMessage(
+            b"{{}}", session_id="s3", scheduled_enqueue_time_utc=namespace.now() + timedelta(hours=1)
+        ),
+    )
+    namespace._enqueue(q, ServiceBusMessage(b"{{}}", session_id="s4"))
+    q.dlq.append(q.active.pop())
+
+
+def from_settings(cls, settings, **_):
+    conn = settings.azure.connection_string.get_secret_value()
+    return cls(
+        connection_string=conn,
+        client_factory=lambda: namespace.client(conn),
+        admin_client_factory=lambda: FakeAdministrationClient(namespace),
+    )
+
+
+servicebus.ServiceBusProvider.from_settings = classmethod(from_settings)
+
+
+class Stuck(SessionActor[bytes]):
+    async def handle(self, body, ctx):
+        await trio.sleep_forever()
+"""
+
+
+def scrape_depth(port: int, queue: str, worker: WorkerProcess) -> str:
+    """/metrics once the first queue-stats refresh has landed (the gauges appear)."""
+    deadline = time.monotonic() + 20
+    while True:
+        text = get(port, "/metrics").text
+        if f'queue_depth{{queue="{queue}"' in text or f'queue_dead_letter_depth{{queue="{queue}"}}' in text:
+            return text
+        assert time.monotonic() < deadline, f"no depth gauges within 20 s:\n{text}\n{worker.log}"
+        time.sleep(0.2)
+
+
+def gauge_values(text: str, name: str, queue: str) -> dict[str, float]:
+    """``{state or "": value}`` of one gauge for one queue, from Prometheus text."""
+    found = {}
+    for match in re.finditer(rf'^{name}{{queue="{re.escape(queue)}"(?:,state="(\w+)")?}} (\S+)$', text, re.M):
+        found[match.group(1) or ""] = float(match.group(2))
+    return found
+
+
+@pytest.mark.slow
+def test_sqs_worker_reports_depth_and_dead_letter_depth(tmp_path: Path, sqs_endpoint: str) -> None:
+    """SQS: ``ApproximateNumberOfMessages`` / ``...NotVisible`` / ``...Delayed`` of the queue and
+    the redrive target's count reach /metrics; the oldest age does not (SQS does not tell it
+    through its API: CloudWatch's ``ApproximateAgeOfOldestMessage`` does)."""
+    sqs: Any = boto3.client(
+        "sqs",
+        endpoint_url=sqs_endpoint,
+        region_name=REGION,
+        aws_access_key_id=CREDENTIALS["access_key_id"],
+        aws_secret_access_key=CREDENTIALS["secret_access_key"],
+    )
+    name = f"depth-{uuid.uuid4().hex[:8]}.fifo"
+    dlq_url = sqs.create_queue(
+        QueueName=name.replace(".fifo", "-dlq.fifo"), Attributes={"FifoQueue": "true"}
+    )["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    url = sqs.create_queue(
+        QueueName=name,
+        Attributes={
+            "FifoQueue": "true",
+            "VisibilityTimeout": "30",
+            "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"}),
+        },
+    )["QueueUrl"]
+    for i, group in enumerate(["g1", "g1", "g1", "g2", "g2"]):
+        sqs.send_message(QueueUrl=url, MessageBody="{}", MessageGroupId=group, MessageDeduplicationId=f"m{i}")
+    for i in range(2):
+        sqs.send_message(
+            QueueUrl=dlq_url, MessageBody="{}", MessageGroupId="g9", MessageDeduplicationId=f"d{i}"
+        )
+
+    (tmp_path / "stuck_actor.py").write_text(STUCK_ACTOR)
+    port = free_port()
+    env = {
+        "QUEUE_PROVIDER": "aws",
+        "AWS_ENDPOINT_URL_SQS": sqs_endpoint,
+        "AWS_ACCESS_KEY_ID": CREDENTIALS["access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": CREDENTIALS["secret_access_key"],
+        "AWS_REGION": REGION,
+        "QUEUE_RECEIVE_TIMEOUT_SECONDS": "1",
+    }
+    args = ["stuck_actor:Stuck", "-q", name, "--metrics-port", str(port), "--shutdown-grace", "1"]
+    worker = WorkerProcess(args, env=env, cwd=tmp_path)
+    try:
+        worker.wait_for("accepting sessions")
+        text = scrape_depth(port, name, worker)
+        depth = gauge_values(text, "queue_depth", name)
+        assert set(depth) == {"active", "in_flight", "scheduled"}, text
+        # Waiting or received (in flight) depending on when the refresh ran: 5 either way.
+        assert depth["active"] + depth["in_flight"] == 5, text
+        assert depth["scheduled"] == 0, text
+        assert gauge_values(text, "queue_dead_letter_depth", name) == {"": 2.0}, text
+        assert gauge_values(text, "queue_oldest_message_age_seconds", name) == {}, text
+        worker.terminate()
+        assert worker.wait(timeout=30) == 0, worker.log
+    finally:
+        worker.kill()
+
+
+@pytest.mark.slow
+def test_servicebus_worker_reports_active_scheduled_and_dead_letter_depth(tmp_path: Path) -> None:
+    """Service Bus: the queue's runtime properties (administration client, Manage rights) reach
+    /metrics: ``active_message_count`` as ``state="active"`` (Service Bus counts locked messages
+    as active, so ``in_flight`` is not reported), scheduled and dead-letter counts. Without
+    ``active`` the ``QueueDepthGrowing`` alert could never fire on Service Bus."""
+    tests = str(Path(__file__).resolve().parent)
+    (tmp_path / "sb_stuck_actor.py").write_text(SERVICEBUS_STUCK_ACTOR.format(tests=tests))
+    port = free_port()
+    env = {
+        "QUEUE_PROVIDER": "azure",
+        "AZURE_SERVICE_BUS_CONNECTION_STRING": (
+            "Endpoint=sb://fake.servicebus.windows.net/;SharedAccessKeyName=Root;SharedAccessKey=dGVzdA=="
+        ),
+    }
+    args = ["sb_stuck_actor:Stuck", "-q", "orders", "--metrics-port", str(port), "--shutdown-grace", "1"]
+    worker = WorkerProcess(args, env=env, cwd=tmp_path)
+    try:
+        worker.wait_for("accepting sessions")
+        text = scrape_depth(port, "orders", worker)
+        # 5 waiting or locked (Service Bus cannot tell them apart), 1 scheduled, 1 dead-lettered.
+        assert gauge_values(text, "queue_depth", "orders") == {"active": 5.0, "scheduled": 1.0}, text
+        assert gauge_values(text, "queue_dead_letter_depth", "orders") == {"": 1.0}, text
+        assert gauge_values(text, "queue_oldest_message_age_seconds", "orders") == {}, text
+        worker.terminate()
+        assert worker.wait(timeout=30) == 0, worker.log
+    finally:
+        worker.kill()

@@ -32,6 +32,7 @@ from fakes.servicebus import (
 )
 from queue_runtime import errors
 from queue_runtime.message import Message
+from queue_runtime.providers.base import QueueStats
 from queue_runtime.providers.servicebus import ServiceBusProvider, map_error, redact
 
 KEY = "Zq9TEST0nlyKEYdoNotLeak7x2PqR4sT6uV8wX0yZ1aB3cD5eF7g="
@@ -693,15 +694,36 @@ async def test_session_accepted_after_cancellation_is_closed_not_leaked(
 
 
 async def test_queue_stats_from_runtime_properties(provider: ServiceBusProvider) -> None:
-    await provider.send("orders", [msg("s", b"a"), msg("s", b"b")])
+    later = datetime.now(UTC) + timedelta(hours=1)
+    scheduled = Message(b"c", session_id="t", scheduled_enqueue_time=later)
+    await provider.send("orders", [msg("s", b"a"), msg("s", b"b"), scheduled])
     receiver = await provider.accept_session("orders", timeout=1)
     assert receiver is not None
     (a,) = await receiver.receive(1, 1)
     await receiver.dead_letter(a, "Bad")
+    (b,) = await receiver.receive(1, 1)
+    # b is locked: Service Bus still counts it as active, and cannot tell it from a waiting one.
+    stats = await provider.queue_stats("orders")
+    assert (stats.active, stats.in_flight, stats.scheduled, stats.dead_letter) == (1, None, 1, 1)
+    assert stats.oldest_message_age is None  # no broker figure for it
+    await receiver.complete(b)
     await receiver.aclose()
     stats = await provider.queue_stats("orders")
-    assert (stats.dead_letter, stats.scheduled) == (1, 0)
-    assert stats.active is None and stats.in_flight is None  # Service Bus cannot tell them apart
+    assert (stats.active, stats.scheduled, stats.dead_letter) == (0, 1, 1)
+
+
+async def test_queue_stats_without_manage_rights_is_empty_and_says_so_once(
+    provider: ServiceBusProvider, namespace: FakeNamespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    refused = core.ClientAuthenticationError(message="Unauthorized: Manage claim required")
+    namespace.inject_fault("get_queue_runtime_properties", refused, times=2)
+    caplog.set_level(logging.WARNING, logger="queue_runtime")
+    assert await provider.queue_stats("orders") == QueueStats(queue="orders")
+    assert await provider.queue_stats("orders") == QueueStats(queue="orders")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no queue depth for orders" in warnings[0], warnings
+    assert KEY not in caplog.text
+    assert (await provider.queue_stats("orders")).active == 0  # rights granted: figures again
 
 
 _WORKER_SCRIPT = """

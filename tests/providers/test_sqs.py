@@ -7,6 +7,7 @@ test makes its own shallow queues (moto's FIFO calls slow down with queue depth)
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -796,6 +797,28 @@ async def test_describe_and_stats(provider: SqsProvider, make_queue: MakeQueue) 
     await provider.send(queue, group_messages("s", 2))
     stats = await provider.queue_stats(queue)
     assert (stats.active, stats.in_flight, stats.dead_letter) == (2, 0, 0)
+
+
+async def test_stats_keep_the_queue_depth_when_the_dead_letter_queue_cannot_be_read(
+    make_queue: MakeQueue, moto_sqs: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A DLQ that is missing (or not readable) costs the DLQ depth only: the queue's own
+    depth, which the depth alert needs, is still reported; one WARNING says why."""
+    queue = await make_queue(dlq=False)
+    caplog.set_level(logging.WARNING, logger="queue_runtime")
+    async with SqsProvider(
+        endpoint_url=moto_sqs,
+        region=REGION,
+        visibility_timeout=None,
+        dead_letter_queue="no-such-dlq.fifo",
+        **CREDENTIALS,
+    ) as broken:
+        await broken.send(queue, group_messages("s", 3))
+        for _ in range(2):
+            stats = await broken.queue_stats(queue)
+            assert (stats.active, stats.in_flight, stats.scheduled, stats.dead_letter) == (3, 0, 0, None)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no-such-dlq.fifo" in warnings[0], warnings
 
 
 # --------------------------------------------------------------------------------------------

@@ -76,14 +76,25 @@ class QueueInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class QueueStats(msgspec.Struct, frozen=True, kw_only=True):
-    """Depth figures for operators and autoscaling; None where the provider cannot tell."""
+    """Depth figures for operators and autoscaling; None where the provider cannot tell.
+
+    What each provider reports (docs/operations.md, "What each provider reports"): memory
+    everything; SQS ``active``, ``in_flight``, ``scheduled`` and ``dead_letter`` (when it
+    knows the DLQ), approximate; Service Bus ``active`` (locked messages included),
+    ``scheduled`` and ``dead_letter``, with Manage rights only.
+    """
 
     queue: str
     active: int | None = None
+    """Messages waiting for delivery (Service Bus: its active count, locked messages included)."""
     in_flight: int | None = None
+    """Messages delivered and locked (SQS: not visible), not yet settled."""
     scheduled: int | None = None
+    """Messages not yet visible: scheduled or delayed."""
     dead_letter: int | None = None
+    """Messages in the dead-letter queue."""
     oldest_message_age: float | None = None
+    """Seconds since the oldest stored message was enqueued."""
 
 
 class Receiver(ABC):

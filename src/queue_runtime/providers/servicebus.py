@@ -189,6 +189,12 @@ def _to_received(sdk: Any, *, receipt: str, session_receiver: bool = False) -> R
     )
 
 
+def _count(props: Any, name: str) -> int | None:
+    """An SDK count property as an int, or None when absent (the SDK's fields are Optional)."""
+    value = getattr(props, name, None)
+    return int(value) if isinstance(value, int) else None
+
+
 def _to_sdk_message(message: Message) -> Any:
     from azure.servicebus import ServiceBusMessage
 
@@ -277,6 +283,7 @@ class ServiceBusProvider(Provider):
         self._client: Any = None
         self._owned_credential: Any = None
         self._admin: Any = None
+        self._stats_unavailable: set[str] = set()
         self._client_lock = trio.Lock()
         self._senders: dict[str, Any] = {}
         self._requires_session: dict[str, bool | None] = {}
@@ -425,10 +432,14 @@ class ServiceBusProvider(Provider):
         return info
 
     async def queue_stats(self, queue: str) -> QueueStats:
-        """Dead-lettered and scheduled counts from the management API (Manage rights).
+        """The queue's runtime properties from the management API (Manage rights).
 
-        ``active`` and ``in_flight`` stay None: Service Bus counts locked (in-flight) messages
-        as active and cannot tell them apart. Without Manage rights every figure is None.
+        ``active`` is Service Bus's ``active_message_count``, which counts **locked** (in-flight)
+        messages too: Service Bus cannot tell waiting from locked, so ``in_flight`` stays None
+        (a worker holds at most ``max_concurrent_sessions`` sessions' worth of locked messages,
+        small next to a backlog). ``scheduled`` and ``dead_letter`` are the scheduled and
+        dead-letter counts; ``oldest_message_age`` is None (no broker figure tells it). Without
+        Manage rights every figure is None, and a WARNING says so once per queue.
         """
         self.validate_queue_name(queue)
         await self._ensure_client()
@@ -440,12 +451,22 @@ class ServiceBusProvider(Provider):
 
         try:
             props = await self._call("queue_stats", queue, runtime_properties)
-        except (AuthenticationFailed, NotSupported):
+        except (AuthenticationFailed, NotSupported) as exc:
+            if queue not in self._stats_unavailable:
+                self._stats_unavailable.add(queue)
+                logger.warning(
+                    "no queue depth for %s: the management API refused (%s); the queue_depth and"
+                    " queue_dead_letter_depth gauges stay absent (grant Manage rights, or use Azure"
+                    " Monitor's ActiveMessages/DeadletteredMessages metrics)",
+                    queue,
+                    type(exc).__name__,
+                )
             return QueueStats(queue=queue)
         return QueueStats(
             queue=queue,
-            scheduled=getattr(props, "scheduled_message_count", None),
-            dead_letter=getattr(props, "dead_letter_message_count", None),
+            active=_count(props, "active_message_count"),
+            scheduled=_count(props, "scheduled_message_count"),
+            dead_letter=_count(props, "dead_letter_message_count"),
         )
 
     def _make_admin(self) -> Any:

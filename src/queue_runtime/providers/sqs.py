@@ -260,6 +260,7 @@ class SqsProvider(Provider):
         self._visibility = math.ceil(visibility_timeout) if visibility_timeout is not None else None
         self._wait_time = int(wait_time)
         self._dead_letter_queue = dead_letter_queue
+        self._stats_dlq_warned: set[str] = set()
         self._max_pending = max_pending_sessions
         self._max_pending_age = max_pending_age
         self._connect_timeout = connect_timeout
@@ -503,6 +504,12 @@ class SqsProvider(Provider):
         )
 
     async def queue_stats(self, queue: str) -> QueueStats:
+        """``GetQueueAttributes``: ``ApproximateNumberOfMessages`` (``active``),
+        ``...NotVisible`` (``in_flight``), ``...Delayed`` (``scheduled``), and visible plus
+        not-visible of the dead-letter queue (``QUEUE_DLQ_NAME`` or the redrive target; None
+        without one, or when it cannot be read: one WARNING, the other figures still come).
+        Approximate, as SQS says. ``oldest_message_age`` is None: SQS tells it only through
+        CloudWatch (``ApproximateAgeOfOldestMessage``), not through its API."""
         meta = await self._queue_meta(queue)
         names = [
             "ApproximateNumberOfMessages",
@@ -515,11 +522,25 @@ class SqsProvider(Provider):
         dead: int | None = None
         dlq_name = self._dead_letter_queue or meta.redrive_target
         if dlq_name:
-            dlq = await self._queue_meta(dlq_name)
-            dlq_attributes = (
-                await self._call("get_queue_attributes", dlq.name, QueueUrl=dlq.url, AttributeNames=names[:2])
-            )["Attributes"]
-            dead = sum(int(dlq_attributes.get(n, 0)) for n in names[:2])
+            try:
+                dlq = await self._queue_meta(dlq_name)
+                dlq_attributes = (
+                    await self._call(
+                        "get_queue_attributes", dlq.name, QueueUrl=dlq.url, AttributeNames=names[:2]
+                    )
+                )["Attributes"]
+                dead = sum(int(dlq_attributes.get(n, 0)) for n in names[:2])
+            except QueueError as exc:
+                # The queue's own depth (the depth alert's input) is still worth reporting.
+                if exc.transient or dlq_name in self._stats_dlq_warned:
+                    log.debug("dead-letter depth of %s unavailable: %s", meta.name, exc.error_type)
+                else:
+                    self._stats_dlq_warned.add(dlq_name)
+                    log.warning(
+                        "no dead-letter depth for %s: %s (queue_dead_letter_depth stays absent)",
+                        meta.name,
+                        exc,
+                    )
         return QueueStats(
             queue=meta.name,
             active=int(attributes.get(names[0], 0)),
