@@ -280,6 +280,8 @@ class Runtime:
         kind = type(telemetry)
         self.own_process_span = kind.process_span is not Telemetry.process_span
         self.own_settle_span = kind.settle_span is not Telemetry.settle_span
+        self.own_message_spans = self.own_process_span or self.own_settle_span
+        self.own_handled = kind.handled is not Telemetry.handled
         # The per-message hooks (received, spans, handled, completed) do nothing unless metrics,
         # tracing or message-level logging is on, or a subclass overrides one of them; see
         # `observing`.
@@ -393,6 +395,7 @@ class Session:
         #: span unsampled under a parent-based sampler): then only messages that carry their
         #: own trace context get spans. Set when the session span opens.
         self._children_dropped = False
+        self._spans_on = False
         self._lost: BaseException | None = None
         self._message_locks: dict[str, _MessageLock] = {}
         self.stop_reason: StopReason | None = None
@@ -457,7 +460,8 @@ class Session:
         # The session span covers the whole life, clean-up included, so the end reason is
         # set on it (`session_ended`) before it closes.
         with telemetry.session_span(self.session_id):
-            self._children_dropped = telemetry.children_dropped()
+            self._spans_on = rt.own_message_spans or tracing_enabled()
+            self._children_dropped = not rt.own_message_spans and telemetry.children_dropped()
             try:
                 rt.sessions.add(self)
                 rt.counters.sessions_started += 1
@@ -632,12 +636,12 @@ class Session:
                         self._receive_backoff = None
                         if not received:
                             if rt.observing():  # an empty long poll is a receive call too
-                                rt.telemetry.messages_received(received, seconds=now() - started)
+                                self._received(received, now() - started)
                             started = now()
                             continue  # the next turn ends the session if it is idle
                         self._quiet = quiet = not rt.observing()
                         if not quiet:
-                            rt.telemetry.messages_received(received, seconds=now() - started)
+                            self._received(received, now() - started)
                         rt.counters.received += len(received)
                         mailbox.extend(received)
                         del received  # not kept alive while the session waits (less for the GC)
@@ -772,11 +776,11 @@ class Session:
             if scope.cancelled_caught:
                 return None
             if not received and rt.observing():  # an empty long poll is a receive call too
-                rt.telemetry.messages_received(received, seconds=rt.now() - started)
+                self._received(received, rt.now() - started)
             if received:
                 self._quiet = quiet = not rt.observing()
                 if not quiet:
-                    rt.telemetry.messages_received(received, seconds=rt.now() - started)
+                    self._received(received, rt.now() - started)
                 rt.counters.received += len(received)
                 self._mailbox.extend(received)
                 if self.session_id is None:
@@ -839,13 +843,13 @@ class Session:
     async def _process(self, actor: SessionActor[Any], message: ReceivedMessage) -> bool:
         """Handle one message to settlement. False when a stop interrupted it (handed back).
 
-        The first attempt of an ordered session's message, with nothing observing, runs here
-        with as few steps as it needs (the path of nearly every message: going through the
-        general one cost ~6% more instructions per message at 200 sessions); anything else,
-        and whatever the first attempt did other than return, goes on in `_process_fully`.
+        The first attempt of an ordered session's message without spans runs here with as few
+        steps as it needs (the path of nearly every message); anything else, and whatever the
+        first attempt did other than return, goes on in `_process_fully`.
         """
         rt = self.runtime
-        if self._working is None or not self._quiet or rt.stopping:
+        quiet = self._quiet
+        if self._working is None or rt.stopping or (not quiet and self._traced(message)):
             return await self._process_fully(actor, message)
         limit = rt.config.max_delivery_count
         if limit is not None and message.delivery_count > limit:
@@ -864,6 +868,8 @@ class Session:
         self.busy_since = now
         self._phase = _WORKING  # what `self._working` marks (see stop()), without its calls
         failure: Exception | None = None
+        started = 0.0 if quiet else perf_counter()  # durations for the metrics (no trio clock)
+        handled = 0.0
         try:
             await actor.handle(body, context)
         except (_LockLost, _SessionFailed):
@@ -873,10 +879,15 @@ class Session:
         finally:
             self._phase = _BUSY
             self.busy_since = None
+            if not quiet:
+                ended = perf_counter()
+                started, handled = ended, ended - started  # `started`: of the complete call now
             if self.runtime.stopping and self._loop_scope is not None:
                 # stop() came while handle() ran: settling must not be cut short.
                 self._loop_scope.deadline = math.inf
         if failure is not None:  # DeadLetter, or an error to retry
+            if not quiet:
+                rt.telemetry.handled(handled)
             return await self._process_fully(actor, message, first=(body, context, failure))
         if not context.settled:
             try:
@@ -885,8 +896,38 @@ class Session:
                 receiver = self.receiver
                 await self._settle("complete", lambda: receiver.complete(message), message, error)
             rt.counters.completed += 1
+            if not quiet:
+                if rt.own_handled:  # a Telemetry subclass that wants its own `handled` calls
+                    rt.telemetry.handled(handled)
+                    rt.telemetry.message_completed(message, seconds=perf_counter() - started)
+                else:
+                    rt.telemetry.message_completed(message, seconds=perf_counter() - started, handled=handled)
+        elif not quiet:
+            rt.telemetry.handled(handled)
         self._current = None
         return True
+
+    def _received(self, received: list[ReceivedMessage], seconds: float) -> None:
+        """Report a receive call (asked only while observing). Under an unsampled session span
+        the receive span would be dropped: say so, which spares the sampling question."""
+        rt = self.runtime
+        if self._children_dropped and not rt.own_message_hooks:
+            rt.telemetry.messages_received(received, seconds=seconds, span=False)
+        else:
+            rt.telemetry.messages_received(received, seconds=seconds)
+
+    def _traced(self, message: ReceivedMessage) -> bool:
+        """Whether ``message`` gets spans (asked only while observing): a Telemetry subclass
+        asked to see every span call, or tracing is on and the spans are not known to be
+        dropped (an unsampled session's messages that carry no trace context of their own).
+        Tracing is as it was when the session started: an SDK installed later traces the
+        sessions that start after it."""
+        if self._spans_on:  # tracing on when the session started (or a Telemetry subclass)
+            if not self._children_dropped:
+                return True
+            inner = message.message  # an unsampled session: only a message's own context counts
+            return "traceparent" in inner.properties or inner.correlation_id is not None
+        return False
 
     async def _process_fully(
         self,
@@ -903,20 +944,7 @@ class Session:
         receiver = self.receiver
         lock = self._message_locks.get(message.receipt) if self.session_id is None else None
         quiet = self._quiet
-        # Spans for this message: asked for by a Telemetry subclass, or tracing on and not
-        # known to be dropped (an unsampled session's messages that carry no trace context).
-        traced = not quiet and (
-            rt.own_process_span
-            or rt.own_settle_span
-            or (
-                tracing_enabled()
-                and (
-                    not self._children_dropped
-                    or "traceparent" in message.message.properties
-                    or message.message.correlation_id is not None
-                )
-            )
-        )
+        traced = not quiet and self._traced(message)
         self._current = message
         cancelled = False
         try:

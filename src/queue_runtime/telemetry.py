@@ -432,7 +432,8 @@ class _Timer:
         self._started = time.perf_counter()
 
     def __exit__(self, *exc_info: object) -> None:
-        self._tally.process_duration.record(time.perf_counter() - self._started)
+        if _metrics_on:
+            self._tally.process_duration.record(time.perf_counter() - self._started)
 
 
 _NULL: Final[AbstractContextManager[None]] = contextlib.nullcontext()
@@ -458,7 +459,7 @@ class _Continued:
             self._started = time.perf_counter()
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._tally is not None:
+        if self._tally is not None and _metrics_on:
             self._tally.process_duration.record(time.perf_counter() - self._started)
         otel_context.detach(self._token)  # type: ignore[arg-type]
 
@@ -581,31 +582,36 @@ class Telemetry:
 
     # -- metrics ---------------------------------------------------------------------------
     # Per call: integer and histogram arithmetic on `self.tally` (read by the instruments at
-    # collection), then a log line only if its level is on.
+    # collection) while a meter provider is set, then a log line only if its level is on.
     def messages_sent(self, count: int, *, status: str, seconds: float) -> None:
         """``queue_messages_sent_total{queue,status}`` += count; send duration recorded.
 
         ``status`` is ``"success"`` or ``"failure"``. A failure also logs a WARNING (the
         error itself is reported through `error`)."""
-        tally = self.tally
-        label = self._metrics.status_label(status)
-        tally.sent[label] = tally.sent.get(label, 0) + count
-        tally.send_duration.record(seconds)
+        if _metrics_on or metrics_enabled():
+            tally = self.tally
+            label = self._metrics.status_label(status)
+            tally.sent[label] = tally.sent.get(label, 0) + count
+            tally.send_duration.record(seconds)
         level = MESSAGE_EVENT_LEVEL if status == "success" else logging.WARNING
         if logger.isEnabledFor(level):
             self.log(level, f"sent {count} message(s): {status}", operation="send", count=count,
                      status=status, duration_ms=round(seconds * 1000, 3))  # fmt: skip
 
-    def messages_received(self, messages: list[ReceivedMessage], *, seconds: float) -> None:
+    def messages_received(
+        self, messages: list[ReceivedMessage], *, seconds: float, span: bool = True
+    ) -> None:
         """``queue_messages_received_total`` += len; ``queue_receive_duration_seconds``
         (every call, empty ones included: the histogram shows long-poll waits too).
 
         A non-empty batch also makes a ``receive`` span (CONSUMER) covering the last
-        ``seconds``, linked to each message's producer context, and a DEBUG line per message."""
-        tally = self.tally
-        tally.received += len(messages)
-        tally.receive_duration.record(seconds)
-        if messages and tracing_enabled() and self._unsampled(None) is False:
+        ``seconds``, linked to each message's producer context (unless ``span`` is False: the
+        caller knows it would be dropped), and a DEBUG line per message."""
+        if _metrics_on or metrics_enabled():
+            tally = self.tally
+            tally.received += len(messages)
+            tally.receive_duration.record(seconds)
+        if span and messages and (_tracing_on or tracing_enabled()) and self._unsampled(None) is False:
             self._receive_span(messages, seconds)
         if messages and logger.isEnabledFor(MESSAGE_EVENT_LEVEL):
             for message in messages:
@@ -636,18 +642,26 @@ class Telemetry:
         )
         span.end(end_time=end)
 
-    def message_completed(self, message: ReceivedMessage, *, seconds: float) -> None:
-        """``queue_messages_completed_total`` += 1; ``queue_complete_duration_seconds``."""
-        tally = self.tally
-        tally.completed += 1
-        tally.complete_duration.record(seconds)
+    def message_completed(
+        self, message: ReceivedMessage, *, seconds: float, handled: float | None = None
+    ) -> None:
+        """``queue_messages_completed_total`` += 1; ``queue_complete_duration_seconds``; and,
+        when ``handled`` is given, the ``handle()`` call's duration as `handled` records it
+        (one call per message instead of two)."""
+        if _metrics_on or metrics_enabled():
+            tally = self.tally
+            tally.completed += 1
+            tally.complete_duration.record(seconds)
+            if handled is not None:
+                tally.process_duration.record(handled)
         if logger.isEnabledFor(MESSAGE_EVENT_LEVEL):
             self.log(MESSAGE_EVENT_LEVEL, "completed", operation="complete", message=message,
                      duration_ms=round(seconds * 1000, 3))  # fmt: skip
 
     def message_abandoned(self, message: ReceivedMessage) -> None:
         """``queue_messages_abandoned_total`` += 1 and an INFO line (handed back to the queue)."""
-        self.tally.abandoned += 1
+        if _metrics_on or metrics_enabled():
+            self.tally.abandoned += 1
         if logger.isEnabledFor(logging.INFO):
             self.log(
                 logging.INFO, "abandoned (handed back to the queue)", operation="abandon", message=message
@@ -656,9 +670,10 @@ class Telemetry:
     def message_dead_lettered(self, message: ReceivedMessage, reason: str, description: str | None) -> None:
         """``queue_messages_dead_lettered_total{queue,reason}`` += 1 and an ERROR log with the
         reason and the (redacted, truncated) description; never the body."""
-        counts = self.tally.dead_lettered
-        label = self._metrics.dead_letter_label(reason)
-        counts[label] = counts.get(label, 0) + 1
+        if _metrics_on or metrics_enabled():
+            counts = self.tally.dead_lettered
+            label = self._metrics.dead_letter_label(reason)
+            counts[label] = counts.get(label, 0) + 1
         if logger.isEnabledFor(logging.ERROR):
             self.log(
                 logging.ERROR, f"dead-lettered: {_short(reason)}", operation="dead_letter", message=message,
@@ -668,7 +683,8 @@ class Telemetry:
     def retry_attempt(self, message: ReceivedMessage, attempt: int, error: BaseException) -> None:
         """``queue_retry_attempts_total`` += 1 (``attempt`` is the attempt about to run, 2, 3, …)
         and a WARNING naming the error type and its redacted text."""
-        self.tally.retries += 1
+        if _metrics_on or metrics_enabled():
+            self.tally.retries += 1
         if logger.isEnabledFor(logging.WARNING):
             text = f"retrying (attempt {attempt}) after {_error_text(error)}"
             self.log(
@@ -677,6 +693,8 @@ class Telemetry:
             )  # fmt: skip
 
     def _count_error(self, kind: str) -> None:
+        if not (_metrics_on or metrics_enabled()):
+            return
         counts = self.tally.errors
         label = self._metrics.error_label(kind)
         counts[label] = counts.get(label, 0) + 1
@@ -698,7 +716,8 @@ class Telemetry:
 
     def session_accepted(self, session_id: str | None) -> None:
         """``queue_sessions_accepted_total`` += 1 and an INFO line."""
-        self.tally.sessions_accepted += 1
+        if _metrics_on or metrics_enabled():
+            self.tally.sessions_accepted += 1
         if logger.isEnabledFor(logging.INFO):
             self.log(logging.INFO, "session accepted", operation="accept_session", session_id=session_id)
 
@@ -709,11 +728,12 @@ class Telemetry:
         is also set on the current span when it is recording (the session span: call this
         inside `session_span`)."""
         completed = reason in ("idle", "shutdown")
-        tally = self.tally
-        counts = tally.sessions_completed if completed else tally.sessions_abandoned
-        label = self._metrics.session_end_label(reason)
-        counts[label] = counts.get(label, 0) + 1
-        tally.session_duration.record(seconds)
+        if _metrics_on or metrics_enabled():
+            tally = self.tally
+            counts = tally.sessions_completed if completed else tally.sessions_abandoned
+            label = self._metrics.session_end_label(reason)
+            counts[label] = counts.get(label, 0) + 1
+            tally.session_duration.record(seconds)
         span = trace.get_current_span()
         if span.is_recording():
             span.set_attribute("queue_runtime.session.end_reason", reason)
@@ -830,7 +850,8 @@ class Telemetry:
     def handled(self, seconds: float) -> None:
         """Record one ``handle()`` call's duration (what `process_span` records, for callers
         that time the call themselves when tracing is off)."""
-        self.tally.process_duration.record(seconds)
+        if _metrics_on or metrics_enabled():
+            self.tally.process_duration.record(seconds)
 
     def settle_span(self, operation: str, message: ReceivedMessage) -> AbstractContextManager[None]:
         """CLIENT span ``{operation} {queue}`` for ``complete`` / ``abandon`` / ``dead_letter``,
@@ -982,7 +1003,7 @@ class _SpanScope:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         try:
-            if self._tally is not None:
+            if self._tally is not None and _metrics_on:
                 self._tally.process_duration.record(time.perf_counter() - self._started)
             if exc is not None and self._span.is_recording():
                 _record_error(self._span, exc)

@@ -69,8 +69,10 @@ class _Recorder(Telemetry):
         super().__init__(QUEUE, "memory")
         self._harness = harness
 
-    def message_completed(self, message: ReceivedMessage, *, seconds: float) -> None:
-        super().message_completed(message, seconds=seconds)
+    def message_completed(
+        self, message: ReceivedMessage, *, seconds: float, handled: float | None = None
+    ) -> None:
+        super().message_completed(message, seconds=seconds, handled=handled)
         self._harness.completed_messages.append(message)
 
     def message_dead_lettered(self, message: ReceivedMessage, reason: str, description: str | None) -> None:
