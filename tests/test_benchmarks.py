@@ -74,10 +74,13 @@ def test_latency_measures_each_message(tmp_path: Path) -> None:
 def test_telemetry_cost_runs_each_mode_in_its_own_process(tmp_path: Path) -> None:
     telemetry_cost.run("tiny", tmp_path)
     rows = _json(tmp_path, "telemetry_cost")["rows"]
-    assert [row["mode"] for row in rows] == ["off", "metrics", "tracing"]
+    assert [row["mode"] for row in rows] == ["off", "metrics", "sampled", "production", "tracing"]
     assert rows[0]["relative_to_off"] == 1.0
-    # The metrics child really had an SDK: its reader collected data points.
-    assert rows[1]["metric_points"] > 0
+    by_mode = {row["mode"]: row for row in rows}
+    # The metrics children really had an SDK: their readers collected data points.
+    assert by_mode["metrics"]["metric_points"] > 0 and by_mode["production"]["metric_points"] > 0
+    # Always-on tracing exported spans (receive, process, complete per message at least).
+    assert by_mode["tracing"]["spans_exported"] >= 2 * _json(tmp_path, "telemetry_cost")["messages"]
 
 
 def test_scaling_writes_the_plot(tmp_path: Path) -> None:
