@@ -10,11 +10,14 @@ in-process, without installing anything.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
+import os
 import re
 import secrets
+import socket
 import threading
 import time
 import uuid
@@ -444,7 +447,7 @@ def test_a_collector_that_is_down_stops_nothing(
     """Nothing listens at the endpoint: messages are still handled, and SIGTERM still drains
     and exits 0 within the drain plus the 5 s export bound."""
     name, url = queue
-    with socketserver_port() as port:
+    with refused_port() as port:
         worker = start_worker(
             tmp_path, moto_sqs, name, {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}"}
         )
@@ -464,18 +467,12 @@ def test_a_collector_that_is_down_stops_nothing(
     assert "Traceback" not in worker.log
 
 
-class socketserver_port:
+@contextlib.contextmanager
+def refused_port() -> Iterator[int]:
     """A port on 127.0.0.1 that refuses connections: bound, never listening."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        self._socket = socket.socket()
-        self._socket.bind(("127.0.0.1", 0))
-        return int(self._socket.getsockname()[1])
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._socket.close()
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))
+        yield int(bound.getsockname()[1])
 
 
 # -- the OTEL_* rules (in-process, nothing installed) ------------------------------------------
@@ -591,7 +588,7 @@ def test_header_values_are_registered_as_secrets() -> None:
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
-    for key in [k for k in __import__("os").environ if k.startswith(("QUEUE_", "AWS_", "OTEL_"))]:
+    for key in [k for k in os.environ if k.startswith(("QUEUE_", "AWS_", "OTEL_"))]:
         monkeypatch.delenv(key)
     (tmp_path / "otlp_actor.py").write_text(ACTOR)
     return tmp_path

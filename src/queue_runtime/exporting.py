@@ -61,7 +61,7 @@ import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from opentelemetry import metrics, trace
@@ -136,7 +136,6 @@ class ExportSettings:
     metrics_endpoint: str | None = None
     sampler: str = "parentbased_always_on"
     sampler_arg: float | None = None
-    header_names: tuple[str, ...] = field(default=())
 
 
 def read_export_settings(environ: Mapping[str, str] | None = None) -> ExportSettings:
@@ -149,7 +148,7 @@ def read_export_settings(environ: Mapping[str, str] | None = None) -> ExportSett
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return ExportSettings(disabled=True)
 
-    header_names = _register_headers(env)
+    _register_headers(env)
     for name in _DURATIONS:
         _number(env, name, minimum=0.0, strict=name == "OTEL_METRIC_EXPORT_INTERVAL")
     for name in ("OTEL_BSP_MAX_QUEUE_SIZE", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"):
@@ -182,7 +181,6 @@ def read_export_settings(environ: Mapping[str, str] | None = None) -> ExportSett
         metrics_endpoint=metrics_endpoint,
         sampler=sampler,
         sampler_arg=sampler_arg,
-        header_names=header_names,
     )
 
 
@@ -252,10 +250,9 @@ def _shown_url(url: str) -> str:
     return urllib.parse.urlunsplit(parsed._replace(netloc=netloc))[:200]
 
 
-def _register_headers(env: Mapping[str, str]) -> tuple[str, ...]:
+def _register_headers(env: Mapping[str, str]) -> None:
     """Register every OTLP header value (raw and URL-decoded, and each word of it, so
-    ``Bearer TOKEN`` masks TOKEN alone too) for redaction; return the header names."""
-    names: list[str] = []
+    ``Bearer TOKEN`` masks TOKEN alone too) for redaction; check the ``name=value`` form."""
     for variable in ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
                      "OTEL_EXPORTER_OTLP_METRICS_HEADERS"):  # fmt: skip
         raw = env.get(variable, "")
@@ -269,12 +266,10 @@ def _register_headers(env: Mapping[str, str]) -> tuple[str, ...]:
                     f"{variable}: expected name=value pairs separated by commas, got an item without"
                     f" '=' ({len(item)} characters)"
                 )
-            names.append(urllib.parse.unquote(key).strip().lower())
             for form in {value.strip(), urllib.parse.unquote(value).strip()}:
                 register_secret(form)
                 for word in form.split():
                     register_secret(word)
-    return tuple(dict.fromkeys(names))
 
 
 def _number(
@@ -382,7 +377,7 @@ def _thread(target: Any) -> threading.Thread:
     return thread
 
 
-def setup_exporting(*, prometheus: bool = False, environ: Mapping[str, str] | None = None) -> Exporting:
+def setup_exporting(*, prometheus: bool = False) -> Exporting:
     """Install the SDK providers that the ``OTEL_*`` variables ask for (see the module
     docstring) and return what was installed.
 
@@ -391,12 +386,9 @@ def setup_exporting(*, prometheus: bool = False, environ: Mapping[str, str] | No
     push exporter is asked for, no meter provider is installed here and
     `telemetry.setup_prometheus` installs the usual Prometheus-only one.
 
-    ``environ`` is checked (`read_export_settings`); the SDK and the exporters read
-    `os.environ` themselves, so pass nothing but `os.environ` in production.
-
     Raises `ConfigurationError` (one line) before installing anything when the variables are
     wrong or a needed package is missing. Logs one INFO line per exported signal."""
-    settings = read_export_settings(environ)
+    settings = read_export_settings()  # the SDK and the exporters read os.environ too
     if settings.disabled:
         log.info(
             "OTEL_SDK_DISABLED=true: no spans and no metrics are recorded%s",
