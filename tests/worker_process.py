@@ -1,8 +1,9 @@
 """A ``queue-runtime worker`` subprocess for tests: started from the repository root (so
 ``examples.*`` imports), its stderr collected line by line by a thread, waitable by text.
 
-Nothing global is touched: the environment is a copy of ours without any ``QUEUE_*`` or
-``AWS_*`` variable, plus what the test passes.
+Nothing global is touched: the environment is a copy of ours without any ``QUEUE_*``,
+``AWS_*``, ``AZURE_*`` or ``OTEL_*`` variable (an ``OTEL_EXPORTER_OTLP_ENDPOINT`` of the
+machine must not make every worker export), plus what the test passes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ QUEUE_RUNTIME = str(Path(sys.executable).with_name("queue-runtime"))
 
 
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("QUEUE_", "AWS_", "AZURE_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QUEUE_", "AWS_", "AZURE_", "OTEL_"))}
     env.update(extra or {})
     return env
 

@@ -71,6 +71,10 @@ def run(
 
     A second SIGINT/SIGTERM stops at once: one WARNING line is logged and ``SystemExit`` is
     raised with 128 + that signal's number (130 for SIGINT, 143 for SIGTERM).
+
+    With the ``otel`` extra, the standard ``OTEL_*`` variables choose where spans and metrics
+    are exported (`queue_runtime.exporting.setup_exporting`; a bad one is a configuration
+    error, exit 2); the last ones are flushed on return, for at most 5 s.
     """
     from .config import load_settings
 
@@ -80,6 +84,12 @@ def run(
     except QueueError as error:
         _fail(error, 2)
     _configure_logging(settings)
+    from .exporting import setup_exporting
+
+    try:
+        exporting = setup_exporting(prometheus=settings.telemetry.metrics_port is not None)
+    except QueueError as error:
+        _fail(error, 2)
     try:
         trio.run(serve_worker, actor, settings)
     except StoppedAtOnce as stop:
@@ -89,6 +99,8 @@ def run(
         raise SystemExit(stop.exit_code) from None
     except QueueError as error:
         _fail(error, 2 if isinstance(error, ConfigurationError) else 1)
+    finally:
+        exporting.shutdown()  # the last spans and metrics, at most exporting.SHUTDOWN_TIMEOUT s
 
 
 def _fail(error: QueueError, code: int) -> Any:

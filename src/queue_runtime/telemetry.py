@@ -68,6 +68,7 @@ from .tally import (
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, Observation
+    from opentelemetry.sdk.metrics.export import MetricReader
 
     from .providers.base import QueueStats
 
@@ -86,6 +87,7 @@ __all__ = [
     "logger",
     "redact",
     "refresh_queue_stats",
+    "prometheus_reader",
     "render_metrics",
     "setup_prometheus",
     "tracing_enabled",
@@ -1098,7 +1100,6 @@ def setup_prometheus() -> bool:
         if _prometheus_installed:
             return False
         try:
-            from opentelemetry.exporter.prometheus import PrometheusMetricReader
             from opentelemetry.sdk.metrics import MeterProvider
         except ImportError as exc:  # pragma: no cover - the otel extra is a dev dependency here
             raise ConfigurationError(
@@ -1107,10 +1108,25 @@ def setup_prometheus() -> bool:
         if isinstance(metrics.get_meter_provider(), MeterProvider):
             _prometheus_installed = True
             return False
-        reader = PrometheusMetricReader(disable_target_info=True, scope_info_enabled=False)
-        metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+        metrics.set_meter_provider(MeterProvider(metric_readers=[prometheus_reader()]))
         _prometheus_installed = True
         return True
+
+
+def prometheus_reader() -> MetricReader:
+    """The reader behind ``/metrics`` (registered in the default Prometheus registry): no
+    ``target_info``, no ``otel_scope_*`` labels, so label sets are exactly ours. `setup_prometheus`
+    and `queue_runtime.exporting` (which adds OTLP readers to the same provider) both use it.
+
+    Needs the ``otel`` extra; raises `ConfigurationError` naming it when missing."""
+    try:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    except ImportError as exc:  # pragma: no cover - the otel extra is a dev dependency here
+        raise ConfigurationError(
+            "Prometheus metrics need the otel extra: pip install 'queue-runtime[otel]'"
+        ) from exc
+    reader: MetricReader = PrometheusMetricReader(disable_target_info=True, scope_info_enabled=False)
+    return reader
 
 
 def render_metrics() -> bytes:

@@ -9,6 +9,10 @@ signal stops at once, settling nothing (130 for SIGINT, 143 for SIGTERM); 2 for 
 bad ``MODULE:Class``, a module that does not import, a class that is not a `SessionActor`, an
 unknown provider, bad values); 1 for permanent provider errors at start-up (queue missing,
 credentials refused). Every error is one line on stderr, a traceback only with ``--debug``.
+
+Telemetry: with the ``otel`` extra, the standard ``OTEL_*`` variables choose where spans and
+metrics are exported over OTLP (`queue_runtime.exporting`); ``--metrics-port`` serves
+``/metrics`` either way.
 """
 
 from __future__ import annotations
@@ -201,6 +205,7 @@ def run_worker(args: argparse.Namespace) -> int:
     import trio
 
     from ..entrypoint import StoppedAtOnce, serve_worker
+    from ..exporting import export_telemetry
     from ..telemetry import configure_logging
 
     overrides: dict[str, Any] = {
@@ -233,14 +238,17 @@ def run_worker(args: argparse.Namespace) -> int:
         return await serve_worker(actor, settings)
 
     stopped: StoppedAtOnce | None = None
-    try:
-        stats = trio.run(main)
-    except StoppedAtOnce as stop:
-        stopped, stats = stop, stop.stats
-    except ConfigurationError:
-        raise  # exit 2, one line (main reports it)
-    except QueueError as error:
-        raise CommandError(f"{type(error).__name__}: {error}", 1) from error
+    # The OTEL_* exporters (a bad variable: exit 2 before anything starts); flushed on the way
+    # out, for at most exporting.SHUTDOWN_TIMEOUT seconds.
+    with export_telemetry(prometheus=settings.telemetry.metrics_port is not None):
+        try:
+            stats = trio.run(main)
+        except StoppedAtOnce as stop:
+            stopped, stats = stop, stop.stats
+        except ConfigurationError:
+            raise  # exit 2, one line (main reports it)
+        except QueueError as error:
+            raise CommandError(f"{type(error).__name__}: {error}", 1) from error
     log.log(
         logging.INFO if stopped is None else logging.WARNING,
         "exiting: %d completed, %d dead-lettered, %d handed back%s",
