@@ -1,6 +1,7 @@
 """A command in a real terminal for tests: a private tmux server (its own socket), a detached
-session of a fixed size, the screen read with ``capture-pane``. The command's exit status is
-printed as ``[exit N]`` and the pane kept, so the last screen can still be read."""
+session of a fixed size, the screen read with ``capture-pane``, keys sent with ``send-keys``
+(``C-c`` is a real SIGINT from the terminal). The command's exit status is printed as
+``[exit N]`` and the pane kept, so the last screen can still be read."""
 
 from __future__ import annotations
 
@@ -38,7 +39,10 @@ class Terminal:
     ) -> None:
         self.tmux = need_tmux()
         self.socket = f"qr-test-{uuid.uuid4().hex[:8]}"
-        line = f'{shlex.join(command)}; echo "[exit $?]"; sleep 3600'
+        # The shell traps SIGINT (with a command, so the command still gets the default
+        # disposition): Ctrl-C sent to the pane reaches the command, and the shell lives on to
+        # print the exit status.
+        line = f'trap "true" INT; {shlex.join(command)}; echo "[exit $?]"; sleep 3600'
         subprocess.run(
             [self.tmux, "-L", self.socket, "-f", "/dev/null", "new-session", "-d", "-s", "t",
              "-x", str(width), "-y", str(height), "sh", "-c", line],

@@ -28,7 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from queue_runtime import DeadLetter, MessageContext, SessionActor, Supervisor, SupervisorConfig
-from queue_runtime.cli import main
+from queue_runtime.cli import main, progress
 from queue_runtime.cli import operator as op
 from queue_runtime.client import REPLAYED_REASON_PROPERTY
 from queue_runtime.errors import ConnectionFailed
@@ -622,6 +622,7 @@ def test_progress_bars_on_a_terminal_do_not_change_results(
         return real(description, total)
 
     monkeypatch.setattr(op, "_is_tty", lambda stderr=True: stderr)  # stderr "is" a terminal
+    monkeypatch.setattr(progress, "stderr_is_tty", lambda: True)  # (rich bars, then)
     monkeypatch.setattr(op, "_progress", recording)
     code, out, _ = run("dlq", "export", "-q", "orders", "--out", str(tmp_path / "d.jsonl"))
     assert code == 0 and len((tmp_path / "d.jsonl").read_text().splitlines()) == 3
@@ -629,6 +630,9 @@ def test_progress_bars_on_a_terminal_do_not_change_results(
     assert (code, out.splitlines()[-1]) == (0, "replayed 2, failed 0, skipped 0")
     assert totals == [None, 3, 2]  # reading (unknown), writing 3 lines, replaying min(depth, --max)
     assert broker.stats("orders").dead_letter == 1
+    code, out, _ = run("dlq", "purge", "-q", "orders", "--yes")
+    assert (code, out, totals[-1]) == (0, "purged 1 dead-lettered messages of 'orders'\n", 1)
+    assert broker.stats("orders").dead_letter == 0
 
 
 class ClosedPipe(io.StringIO):
