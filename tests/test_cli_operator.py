@@ -232,6 +232,55 @@ def test_dlq_peek_table_and_json_show_reasons_without_bodies(broker: Broker, run
     assert broker.stats("orders").dead_letter == 3  # peeking changed nothing
 
 
+def test_dlq_summary_groups_by_reason_error_type_and_session_prefix(broker: Broker, run: Run) -> None:
+    letters = [
+        ("order-1", "MaxAttemptsExceeded", "ValueError: amount must be >= 0"),
+        ("order-2", "MaxAttemptsExceeded", "ValueError: amount must be >= 0"),
+        ("order-2", "MaxAttemptsExceeded", "KeyError: 'sku'"),
+        ("tenant:acme", "DeserializationFailed", "DecodeError: Expected `object`, got `int`"),
+        ("s007", "[red]Weird[/red]", "password=hunter2hunter2 was wrong"),
+    ]
+
+    async def seed() -> None:
+        for sid, _, _ in letters:
+            await broker.provider.send("orders", [Message(body=b"secret-body", session_id=sid)])
+        done = 0
+        while (receiver := await broker.provider.accept_session("orders", timeout=0.1)) is not None:
+            async with receiver:
+                for message in await receiver.receive(10, timeout=0.0):
+                    sid, reason, description = next(x for x in letters[done:] if x[0] == message.session_id)
+                    await receiver.dead_letter(message, reason, description)
+                    done += 1
+
+    broker.run(seed)
+    code, out, err = run("dlq", "summary", "-q", "orders", "--json")
+    assert (code, err) == (0, "")
+    summary = json.loads(out)
+    assert (summary["examined"], summary["complete"]) == (5, True)
+    counts = {
+        name: {row["key"]: row["count"] for row in summary[name]} for name in summary if name[:3] == "by_"
+    }
+    assert counts["by_reason"] == {
+        "MaxAttemptsExceeded": 3,
+        "DeserializationFailed": 1,
+        "[red]Weird[/red]": 1,
+    }
+    assert counts["by_error_type"] == {"ValueError": 2, "KeyError": 1, "DecodeError": 1, None: 1}
+    assert counts["by_session_prefix"] == {"order": 3, "tenant": 1, "s": 1}
+    first = summary["by_reason"][0]
+    assert first["first_enqueued"] <= first["last_enqueued"] and first["reasons"] == {
+        "MaxAttemptsExceeded": 3
+    }
+
+    code, out, err = run("dlq", "summary", "-q", "orders")
+    assert (code, err) == (0, "")
+    assert "[red]Weird[/red]" in out  # broker text literally, never as markup
+    assert "hunter2hunter2" not in out and "secret-body" not in out
+    assert "5 dead letters of 'orders'" in out and "MaxAttemptsExceeded 2" in out  # ValueError's reasons
+    assert run("dlq", "summary", "-q", "nothing")[1] == "no dead-lettered messages in 'nothing'\n"
+    assert broker.stats("orders").dead_letter == 5  # summarizing changed nothing
+
+
 def test_dlq_peek_on_an_empty_dead_letter_queue(broker: Broker, run: Run) -> None:
     assert run("dlq", "peek", "-q", "quiet") == (0, "no dead-lettered messages in 'quiet'\n", "")
     assert run("dlq", "peek", "-q", "quiet", "--json")[1].strip() == "[]"

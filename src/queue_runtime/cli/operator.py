@@ -1,4 +1,4 @@
-"""Operator commands: ``send``, ``dlq peek|export|replay|purge``, ``stats``, ``config show|validate``.
+"""Operator commands: ``send``, ``dlq peek|export|replay|summary|purge``, ``stats``, ``config show|validate``.
 
 Every command is configured like the worker (defaults < config file < environment < flags, see
 ``docs/configuration.md``), opens the provider the configuration names, does one job inside
@@ -749,6 +749,76 @@ def _dead_letter_depth(settings: Settings, queue: str, args: argparse.Namespace)
     return min(known, limit) if limit is not None else known
 
 
+def _cmd_dlq_summary(args: argparse.Namespace) -> int:
+    from .dlq_summary import GROUPINGS, summarize
+
+    settings, queue = _settings(args)
+    stop = StopRequest()
+
+    async def peek() -> list[ReceivedMessage]:
+        async with _open_provider(settings) as provider:
+            with stop.cancellable():  # a peek changes nothing: Ctrl-C cancels it at once
+                return await QueueClient(provider).peek_dead_letters(queue, args.max)
+        raise Interrupted
+
+    try:
+        with _progress(f"reading dead letters of {queue}", None) as reading:
+            messages = _run(peek, args, stop=stop)
+            reading.advance(len(messages))
+    except Interrupted:
+        print("queue-runtime: interrupted: nothing summarized", file=sys.stderr)
+        return 130
+    summary = summarize(queue, messages, limit=args.max)
+    if args.json:
+        _print_json(summary)
+        return 0
+    if not messages:
+        print(f"no dead-lettered messages in {queue!r}")
+        return 0
+    from rich.table import Table
+
+    console = _console()
+    more = "" if summary["complete"] else f", the first {len(messages)} (--max): there may be more"
+    console.print(_literal(f"{len(messages)} dead letters of {queue!r}{more} (times in UTC)"))
+    for name, title, _ in GROUPINGS:
+        table = Table(title=_literal(f"by {title}"), title_justify="left")
+        table.add_column(title, overflow="fold")
+        table.add_column("count", justify="right")
+        table.add_column("share", justify="right")
+        table.add_column("first enqueued", overflow="fold")
+        table.add_column("last enqueued", overflow="fold")
+        if name != "by_reason":
+            table.add_column("reasons", overflow="fold")
+        for row in summary[name]:
+            cells: list[Text | str] = [
+                _literal(row["key"] if row["key"] is not None else "(none)"),
+                str(row["count"]),
+                f"{row['count'] / len(messages):.0%}",
+                _short_time(row["first_enqueued"]),
+                _short_time(row["last_enqueued"]),
+            ]
+            if name != "by_reason":
+                cells.append(_literal(", ".join(f"{k or '(none)'} {v}" for k, v in row["reasons"].items())))
+            table.add_row(*cells)
+        console.print(table)
+    return 0
+
+
+def _short_time(iso: str | None) -> str:
+    """``2026-12-03 07:48:45`` (UTC) from an ISO timestamp, for tables."""
+    if not iso:
+        return ""
+    from datetime import UTC, datetime
+
+    try:
+        moment = datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
 def _cmd_dlq_purge(args: argparse.Namespace) -> int:
     if not args.yes:
         raise CommandError("dlq purge deletes every dead-lettered message for good: add --yes to confirm", 2)
@@ -1145,6 +1215,25 @@ def _register_dlq(subparsers: Any) -> None:
     replay.add_argument("--dry-run", action="store_true", help="list what would be replayed; change nothing")
     _add_timeout(replay, "dlq replay", LONG_TIMEOUT)
     replay.set_defaults(handler=_command(_cmd_dlq_replay))
+
+    summary = _subparser(
+        commands,
+        "summary",
+        "count dead letters by reason, error type and session prefix, with first and last enqueue times",
+        _epilog(
+            "queue-runtime dlq summary --queue orders", "queue-runtime dlq summary -q orders --json | jq ."
+        ),
+    )
+    add_config_flags(summary)
+    summary.add_argument(
+        "--max",
+        type=_int_type(1, MAX_EXPORT),
+        default=EXPORT_DEFAULT_MAX,
+        help=f"look at most at N messages, oldest first (default {EXPORT_DEFAULT_MAX}, at most {MAX_EXPORT})",
+    )
+    summary.add_argument("--json", action="store_true", help="JSON for scripts")
+    _add_timeout(summary, "dlq summary", LONG_TIMEOUT)
+    summary.set_defaults(handler=_command(_cmd_dlq_summary))
 
     purge = _subparser(
         commands,
