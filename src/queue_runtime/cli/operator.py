@@ -162,14 +162,14 @@ def _run(
         if stop is None or not can_watch_signals():
             return await body()
         results: list[T] = []
-        failure: Exception | None = None
+        failure: Exception | KeyboardInterrupt | None = None
         async with trio.open_nursery() as nursery:
             await nursery.start(watch_interrupts, stop)
             try:
                 with stop.everything:
                     results.append(await body())
-            except Exception as error:  # re-raised below, outside the nursery (no group)
-                failure = error
+            except (Exception, KeyboardInterrupt) as error:  # re-raised below, outside the nursery
+                failure = error  # (so it is not wrapped in an exception group)
             finally:
                 nursery.cancel_scope.cancel()
         if failure is not None:
