@@ -378,7 +378,7 @@ class Session:
         self.started_at: float | None = None  # the trio time `run` began
         self.received = 0  # messages received (handled = received - mailbox - current)
         self.renewals = 0  # successful lock renewals of this session
-        self.attempt = 1  # the attempt of the message in hand (set on the retry path only)
+        self.attempt = 1  # the attempt in hand: set by `_process_fully` per call (fast path: stays 1)
         self.failures = 0  # handle() calls that raised (DeadLetter excluded)
         self.last_error: str | None = None  # the type name of the last one
         self.retry_at: float | None = None  # while in a retry backoff: when the next attempt is due
