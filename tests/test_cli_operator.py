@@ -28,7 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from queue_runtime import DeadLetter, MessageContext, SessionActor, Supervisor, SupervisorConfig
-from queue_runtime.cli import main
+from queue_runtime.cli import main, progress
 from queue_runtime.cli import operator as op
 from queue_runtime.client import REPLAYED_REASON_PROPERTY
 from queue_runtime.errors import ConnectionFailed
@@ -230,6 +230,55 @@ def test_dlq_peek_table_and_json_show_reasons_without_bodies(broker: Broker, run
     assert "bad-1" not in out  # never a body
 
     assert broker.stats("orders").dead_letter == 3  # peeking changed nothing
+
+
+def test_dlq_summary_groups_by_reason_error_type_and_session_prefix(broker: Broker, run: Run) -> None:
+    letters = [
+        ("order-1", "MaxAttemptsExceeded", "ValueError: amount must be >= 0"),
+        ("order-2", "MaxAttemptsExceeded", "ValueError: amount must be >= 0"),
+        ("order-2", "MaxAttemptsExceeded", "KeyError: 'sku'"),
+        ("tenant:acme", "DeserializationFailed", "DecodeError: Expected `object`, got `int`"),
+        ("s007", "[red]Weird[/red]", "password=hunter2hunter2 was wrong"),
+    ]
+
+    async def seed() -> None:
+        for sid, _, _ in letters:
+            await broker.provider.send("orders", [Message(body=b"secret-body", session_id=sid)])
+        done = 0
+        while (receiver := await broker.provider.accept_session("orders", timeout=0.1)) is not None:
+            async with receiver:
+                for message in await receiver.receive(10, timeout=0.0):
+                    sid, reason, description = next(x for x in letters[done:] if x[0] == message.session_id)
+                    await receiver.dead_letter(message, reason, description)
+                    done += 1
+
+    broker.run(seed)
+    code, out, err = run("dlq", "summary", "-q", "orders", "--json")
+    assert (code, err) == (0, "")
+    summary = json.loads(out)
+    assert (summary["examined"], summary["complete"]) == (5, True)
+    counts = {
+        name: {row["key"]: row["count"] for row in summary[name]} for name in summary if name[:3] == "by_"
+    }
+    assert counts["by_reason"] == {
+        "MaxAttemptsExceeded": 3,
+        "DeserializationFailed": 1,
+        "[red]Weird[/red]": 1,
+    }
+    assert counts["by_error_type"] == {"ValueError": 2, "KeyError": 1, "DecodeError": 1, None: 1}
+    assert counts["by_session_prefix"] == {"order": 3, "tenant": 1, "s": 1}
+    first = summary["by_reason"][0]
+    assert first["first_enqueued"] <= first["last_enqueued"] and first["reasons"] == {
+        "MaxAttemptsExceeded": 3
+    }
+
+    code, out, err = run("dlq", "summary", "-q", "orders")
+    assert (code, err) == (0, "")
+    assert "[red]Weird[/red]" in out  # broker text literally, never as markup
+    assert "hunter2hunter2" not in out and "secret-body" not in out
+    assert "5 dead letters of 'orders'" in out and "MaxAttemptsExceeded 2" in out  # ValueError's reasons
+    assert run("dlq", "summary", "-q", "nothing")[1] == "no dead-lettered messages in 'nothing'\n"
+    assert broker.stats("orders").dead_letter == 5  # summarizing changed nothing
 
 
 def test_dlq_peek_on_an_empty_dead_letter_queue(broker: Broker, run: Run) -> None:
@@ -622,6 +671,7 @@ def test_progress_bars_on_a_terminal_do_not_change_results(
         return real(description, total)
 
     monkeypatch.setattr(op, "_is_tty", lambda stderr=True: stderr)  # stderr "is" a terminal
+    monkeypatch.setattr(progress, "stderr_is_tty", lambda: True)  # (rich bars, then)
     monkeypatch.setattr(op, "_progress", recording)
     code, out, _ = run("dlq", "export", "-q", "orders", "--out", str(tmp_path / "d.jsonl"))
     assert code == 0 and len((tmp_path / "d.jsonl").read_text().splitlines()) == 3
@@ -629,6 +679,9 @@ def test_progress_bars_on_a_terminal_do_not_change_results(
     assert (code, out.splitlines()[-1]) == (0, "replayed 2, failed 0, skipped 0")
     assert totals == [None, 3, 2]  # reading (unknown), writing 3 lines, replaying min(depth, --max)
     assert broker.stats("orders").dead_letter == 1
+    code, out, _ = run("dlq", "purge", "-q", "orders", "--yes")
+    assert (code, out, totals[-1]) == (0, "purged 1 dead-lettered messages of 'orders'\n", 1)
+    assert broker.stats("orders").dead_letter == 0
 
 
 class ClosedPipe(io.StringIO):

@@ -141,7 +141,7 @@ async def serve_worker(
 
     When ``settings.telemetry.metrics_port`` is set (``--metrics-port`` /
     ``QUEUE_METRICS_PORT``), Prometheus is set up (`telemetry.setup_prometheus`, needs the
-    ``otel`` extra) and ``/metrics``, ``/healthz``, ``/readyz`` are served on ``metrics_host``
+    ``otel`` extra) and ``/metrics``, ``/healthz``, ``/readyz``, ``/sessions`` are served on ``metrics_host``
     (default ``settings.telemetry.metrics_host``, 127.0.0.1) from before the queue is checked
     until the drain ends (``/readyz`` is 200 only while the supervisor accepts work), and the
     queue-depth gauges are refreshed every ``queue_stats_interval`` seconds. A port that cannot
@@ -291,12 +291,18 @@ async def _watch_signals(supervisor: Supervisor) -> signal.Signals:
 async def _start_endpoints(nursery: trio.Nursery, supervisor: Supervisor, host: str, port: int) -> int:
     """Serve the worker endpoints in ``nursery``; returns the bound port."""
     from .health import serve_endpoints
+    from .introspection import render_sessions
 
     def ready() -> bool:
         return supervisor.ready
 
+    def sessions(limit: int) -> bytes:
+        return render_sessions(supervisor.snapshot(), limit)
+
     try:
-        bound: int = await nursery.start(partial(serve_endpoints, port, host=host, ready=ready))
+        bound: int = await nursery.start(
+            partial(serve_endpoints, port, host=host, ready=ready, sessions=sessions)
+        )
     except OSError as error:
         raise ConfigurationError(
             f"cannot serve metrics on {host}:{port}: {error.strerror or error}"

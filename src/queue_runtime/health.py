@@ -1,4 +1,4 @@
-"""The worker's HTTP endpoints: ``/metrics``, ``/healthz`` and ``/readyz`` on trio.
+"""The worker's HTTP endpoints: ``/metrics``, ``/healthz``, ``/readyz`` and ``/sessions`` on trio.
 
 A deliberately tiny HTTP/1.1 server (no dependency beyond trio): one request per connection
 (``Connection: close``), ``GET`` and ``HEAD`` only, a bounded request head, a per-connection
@@ -12,6 +12,10 @@ Kubernetes probes need, not a general web server.
 * ``GET /readyz`` — ``200 ready`` when ``ready()`` is true, ``503 not ready`` otherwise (or when
   ``ready()`` raises). The worker's ``ready`` says: provider reachable, supervisor accepting, not
   draining, circuit not open.
+* ``GET /sessions?limit=N`` — what the worker's sessions are doing, as JSON
+  (`queue_runtime.introspection`, schema in ``docs/worker.md``), when a ``sessions`` callable
+  is given (else ``404``). ``limit`` defaults to 100, at most 1000; a bad one is ``400`` with
+  one line naming the problem.
 * anything else ``404``; other methods ``405``; a malformed request ``400``; a head over the
   limit ``431``; too many connections at once ``503``.
 """
@@ -24,6 +28,7 @@ from typing import Final
 
 import trio
 
+from .introspection import parse_limit
 from .telemetry import logger, redact, render_metrics
 
 __all__ = ["MAX_CONNECTIONS", "MAX_REQUEST_BYTES", "REQUEST_TIMEOUT", "serve_endpoints"]
@@ -36,6 +41,7 @@ REQUEST_TIMEOUT: Final = 10.0
 MAX_CONNECTIONS: Final = 32
 
 METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+JSON_CONTENT_TYPE: Final = "application/json; charset=utf-8"
 _TEXT: Final = "text/plain; charset=utf-8"
 _REASONS: Final = {
     200: "OK",
@@ -82,12 +88,18 @@ async def _read_head(stream: trio.abc.ReceiveStream) -> bytes:
     return head
 
 
-def _answer(head: bytes, ready: Callable[[], bool], metrics: Callable[[], bytes]) -> bytes:
+def _answer(
+    head: bytes,
+    ready: Callable[[], bool],
+    metrics: Callable[[], bytes],
+    sessions: Callable[[int], bytes] | None = None,
+) -> bytes:
     request_line = head.split(b"\r\n", 1)[0]
     parts = request_line.split(b" ")
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
         return _response(400, b"bad request\n")
-    method, target = parts[0], parts[1].split(b"?", 1)[0]
+    path, _, query = parts[1].partition(b"?")
+    method, target = parts[0], path
     if method not in (b"GET", b"HEAD"):
         return _response(405, b"method not allowed\n")
     head_only = method == b"HEAD"
@@ -98,6 +110,17 @@ def _answer(head: bytes, ready: Callable[[], bool], metrics: Callable[[], bytes]
             logger.error("rendering /metrics failed: %s", redact(f"{type(exc).__name__}: {exc}"))
             return _response(500, b"metrics unavailable\n", head=head_only)
         return _response(200, body, METRICS_CONTENT_TYPE, head=head_only)
+    if target == b"/sessions" and sessions is not None:
+        try:
+            limit = parse_limit(query.decode("latin-1"))
+        except ValueError as exc:
+            return _response(400, f"bad request: {exc}\n".encode(), head=head_only)
+        try:
+            body = sessions(limit)
+        except Exception as exc:
+            logger.error("rendering /sessions failed: %s", redact(f"{type(exc).__name__}: {exc}"))
+            return _response(500, b"sessions unavailable\n", head=head_only)
+        return _response(200, body, JSON_CONTENT_TYPE, head=head_only)
     if target == b"/healthz":
         return _response(200, b"ok\n", head=head_only)
     if target == b"/readyz":
@@ -134,6 +157,7 @@ async def _handle(
     *,
     ready: Callable[[], bool],
     metrics: Callable[[], bytes],
+    sessions: Callable[[int], bytes] | None,
     slots: trio.Semaphore,
     timeout: float,
 ) -> None:
@@ -156,7 +180,7 @@ async def _handle(
             else:
                 if not head:
                     return  # connected and closed without a request
-                answer = _answer(head, ready, metrics)
+                answer = _answer(head, ready, metrics, sessions)
             await _finish(stream, answer, 1.0)
     finally:
         slots.release()
@@ -169,11 +193,14 @@ async def serve_endpoints(
     host: str = "127.0.0.1",
     ready: Callable[[], bool],
     metrics: Callable[[], bytes] = render_metrics,
+    sessions: Callable[[int], bytes] | None = None,
     timeout: float = REQUEST_TIMEOUT,
     max_connections: int = MAX_CONNECTIONS,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` until cancelled.
+    """Serve ``/metrics``, ``/healthz``, ``/readyz`` (and ``/sessions`` when ``sessions`` is
+    given: called with the request's ``limit``, it returns the JSON body) on ``host:port``
+    until cancelled.
 
     ``host`` is 127.0.0.1 by default: the endpoints are unauthenticated, so they answer this
     host only unless asked (``"0.0.0.0"`` in a container; ``docs/security.md``).
@@ -181,17 +208,22 @@ async def serve_endpoints(
     Use with ``port = await nursery.start(partial(serve_endpoints, 9464, ready=...))``:
     ``port`` 0 picks a free port, and the port actually bound is what ``task_status.started``
     reports (with a host name that resolves to several addresses, the first listener's).
-    ``ready`` and ``metrics`` are called in trio's thread, once per request; ``metrics``
+    ``ready``, ``metrics`` and ``sessions`` are called in trio's thread, once per request; ``metrics``
     defaults to `render_metrics`. Every connection task lives in this function's nursery, so
     cancelling it closes the listener and every open connection; it never returns otherwise.
     Binding errors (port in use, bad host) raise ``OSError`` before ``started``."""
     slots = trio.Semaphore(max_connections)
-    handler = partial(_handle, ready=ready, metrics=metrics, slots=slots, timeout=timeout)
+    handler = partial(_handle, ready=ready, metrics=metrics, sessions=sessions, slots=slots, timeout=timeout)
     # Bind first (outside any nursery), so a bind error is a plain OSError before `started`.
     listeners = await trio.open_tcp_listeners(port, host=host)
     try:
         actual: int = listeners[0].socket.getsockname()[1]
-        logger.info("serving /metrics /healthz /readyz on %s:%d", host, actual)
+        logger.info(
+            "serving /metrics /healthz /readyz on %s:%d%s",
+            host,
+            actual,
+            " (and /sessions)" if sessions else "",
+        )
         task_status.started(actual)
     except BaseException:
         for listener in listeners:

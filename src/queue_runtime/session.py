@@ -44,6 +44,7 @@ from .actor import DeadLetter, MessageContext, SessionActor, SessionHandle, Stop
 from .codec import DecodeError
 from .config import SupervisorConfig
 from .errors import InvalidReceipt, MessageLockLost, QueueError, SessionLockLost, Throttled, Timeout
+from .introspection import SessionSnapshot
 from .message import ReceivedMessage
 from .providers.base import Receiver
 from .redaction import redact
@@ -127,6 +128,7 @@ class LockHolder(Protocol):
     """Something whose lock the renewer keeps alive."""
 
     renew_generation: int
+    renewals: int
 
     @property
     def locked_until(self) -> float | None: ...
@@ -247,6 +249,7 @@ class LockRenewer:
                     return
                 if holder.renew_generation == generation:
                     self._counters.lock_renewals += 1
+                    holder.renewals += 1
                     self.track(holder)
 
 
@@ -333,13 +336,14 @@ class Runtime:
 class _MessageLock:
     """A renewal target for one message of a non-session queue (each has its own lock)."""
 
-    __slots__ = ("busy_since", "message", "receiver", "renew_generation", "scope", "session")
+    __slots__ = ("busy_since", "message", "receiver", "renew_generation", "renewals", "scope", "session")
 
     def __init__(self, session: Session, message: ReceivedMessage) -> None:
         self.session = session
         self.receiver = session.receiver
         self.message = message
         self.renew_generation = 0
+        self.renewals = 0
         self.busy_since: float | None = None
         self.scope: trio.CancelScope | None = None
 
@@ -371,6 +375,15 @@ class Session:
         self.session_id = receiver.session_id
         self.renew_generation = 0
         self.busy_since: float | None = None
+        # Read by `snapshot` (``/sessions``) only: set where the loop already has the values,
+        # never a clock read or an allocation of their own on a message's path.
+        self.started_at: float | None = None  # the trio time `run` began
+        self.received = 0  # messages received (handled = received - mailbox - current)
+        self.renewals = 0  # successful lock renewals of this session
+        self.attempt = 1  # the attempt in hand: set by `_process_fully` per call (fast path: stays 1)
+        self.failures = 0  # handle() calls that raised (DeadLetter excluded)
+        self.last_error: str | None = None  # the type name of the last one
+        self.retry_at: float | None = None  # while in a retry backoff: when the next attempt is due
         self._mailbox: deque[ReceivedMessage] = deque()
         self._lock_scope = trio.CancelScope()
         self._wait_scopes: set[trio.CancelScope] = set()
@@ -445,6 +458,27 @@ class Session:
             elif self._phase == _WORKING:
                 loop_scope.deadline = self.runtime.grace_deadline
 
+    def snapshot(self) -> SessionSnapshot:
+        """What this session is doing now, as raw facts on the runtime's clock, for
+        ``/sessions`` (`queue_runtime.introspection` builds the view). Read-only; built only
+        when asked, so it costs the message path nothing."""
+        current = self._current
+        return SessionSnapshot(
+            session_id=self.session_id,
+            started_at=self.started_at,
+            received=self.received,
+            pending=len(self._mailbox),
+            message_id=current.message_id if current is not None else None,
+            delivery_count=current.delivery_count if current is not None else None,
+            attempt=self.attempt,
+            busy_since=self.busy_since,
+            retry_at=self.retry_at,
+            locked_until=self.receiver.locked_until,
+            renewals=self.renewals,
+            failures=self.failures,
+            last_error=self.last_error,
+        )
+
     # -- the life ----------------------------------------------------------------------------
     async def run(self) -> StopReason:
         """Run the actor until idle, stopped, lock lost or failed; returns the stop reason.
@@ -454,7 +488,7 @@ class Session:
         """
         rt = self.runtime
         telemetry = rt.telemetry
-        started = trio.current_time()
+        started = self.started_at = trio.current_time()
         actor: SessionActor[Any] | None = None
         reason: StopReason = "error"
         # The session span covers the whole life, clean-up included, so the end reason is
@@ -643,6 +677,7 @@ class Session:
                         if not quiet:
                             self._received(received, now() - started)
                         rt.counters.received += len(received)
+                        self.received += len(received)
                         mailbox.extend(received)
                         del received  # not kept alive while the session waits (less for the GC)
                         until = receiver.locked_until
@@ -782,6 +817,7 @@ class Session:
                 if not quiet:
                     self._received(received, rt.now() - started)
                 rt.counters.received += len(received)
+                self.received += len(received)
                 self._mailbox.extend(received)
                 if self.session_id is None:
                     for message in received:
@@ -991,6 +1027,7 @@ class Session:
                         if until is not None and until - rt.lock_margin <= now:
                             raise _LockLost(self._too_late(until))
                     context = _DeliveredContext(message, attempt, self._dead_letter_bound, self._renew_bound)
+                    self.attempt = attempt
                     self.busy_since = now
                     if lock is not None:
                         lock.busy_since = now
@@ -1062,13 +1099,17 @@ class Session:
                     return True
                 rt.counters.failed_attempts += 1
                 telemetry.handler_failed(failure)
+                self.failures += 1
+                self.last_error = type(failure).__name__
                 if attempt >= config.retry.max_attempts:
                     await self._dead_letter(message, "MaxAttemptsExceeded", describe_exception(failure))
                     return True
                 attempt += 1
                 rt.counters.retries += 1
                 telemetry.retry_attempt(message, attempt, failure)
-                if not await self._backoff(config.retry.delay(attempt - 1)):
+                delay = config.retry.delay(attempt - 1)
+                self.retry_at = rt.now() + delay  # (the retry path only)
+                if not await self._backoff(delay):
                     await self._abandon(message)
                     return False
         except trio.Cancelled:
@@ -1077,6 +1118,7 @@ class Session:
         finally:
             if not cancelled:
                 self._current = None
+            self.attempt, self.retry_at = 1, None
             if lock is not None:
                 rt.renewer.untrack(lock)
                 self._message_locks.pop(message.receipt, None)
@@ -1117,6 +1159,7 @@ class Session:
             await trio.lowlevel.checkpoint()
             raise
         self.runtime.counters.lock_renewals += 1
+        self.renewals += 1
         self.runtime.renewer.track(self)
 
     # -- settlement --------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import trio
 from .actor import SessionActor
 from .config import SupervisorConfig
 from .errors import ConfigurationError, QueueError
+from .introspection import WorkerSnapshot
 from .providers.base import Provider, QueueInfo
 from .retry import Backoff, BreakerState, CircuitBreaker
 from .session import LockRenewer, Runtime, Session
@@ -180,6 +181,25 @@ class Supervisor:
             lock_lost=c.lock_lost,
             circuit=self._breaker.state.name.lower(),
             draining=self._runtime.stopping,
+        )
+
+    def snapshot(self) -> WorkerSnapshot:
+        """The stats, the circuit and what every active session is doing, for ``/sessions``
+        (`queue_runtime.introspection` renders it). Read-only, built only when asked; call it in
+        the supervisor's trio run (it reads trio's clock)."""
+        breaker = self._breaker
+        info = self.queue_info
+        return WorkerSnapshot(
+            queue=self.config.queue,
+            system=self.provider.system,
+            now=trio.current_time(),
+            stats=self.stats(),
+            lock_duration=info.lock_duration if info is not None else None,
+            lock_margin=self._runtime.lock_margin,
+            circuit_open_until=breaker.open_until,
+            circuit_times_opened=breaker.times_opened,
+            max_concurrent_sessions=self.config.max_concurrent_sessions,
+            sessions=[session.snapshot() for session in self._runtime.sessions],
         )
 
     # -- serving -----------------------------------------------------------------------------

@@ -28,7 +28,7 @@ __all__ = [
 
 #: Subcommand modules, each with ``register(subparsers)``. Missing ones are skipped, so the
 #: command keeps working while a subcommand is being written.
-COMMAND_MODULES = ("worker", "demo", "operator", "bench")
+COMMAND_MODULES = ("worker", "demo", "operator", "top", "bench")
 
 
 class ParserError(Exception):

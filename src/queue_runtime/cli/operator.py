@@ -1,4 +1,4 @@
-"""Operator commands: ``send``, ``dlq peek|export|replay|purge``, ``stats``, ``config show|validate``.
+"""Operator commands: ``send``, ``dlq peek|export|replay|summary|purge``, ``stats``, ``config show|validate``.
 
 Every command is configured like the worker (defaults < config file < environment < flags, see
 ``docs/configuration.md``), opens the provider the configuration names, does one job inside
@@ -44,19 +44,21 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from ..client import QueueClient, ReplayOutcome
+from ..client import QueueClient, ReplayOutcome, ReplayResult
 from ..errors import ConfigurationError, QueueError
 from ..message import Message, ReceivedMessage
 from ..redaction import redact
 from .common import CommandError, Parser, add_config_flags, command_logging, load_cli_settings
+from .progress import Interrupted, StopRequest, can_watch_signals, watch_interrupts
+from .progress import progress as _progress
 
 if TYPE_CHECKING:
     from rich.console import Console
-    from rich.progress import Progress
     from rich.text import Text
 
     from ..config import Settings
-    from ..providers.base import Provider, QueueStats
+    from ..providers.base import Provider, QueueStats, Receiver
+    from .progress import Meter
 
 __all__ = [
     "EXIT_BROKEN_PIPE",
@@ -126,13 +128,24 @@ def use_provider(provider: Provider, *, clock: trio.abc.Clock | None = None) -> 
         _override = None
 
 
-def _run(fn: Callable[[], Awaitable[T]], args: argparse.Namespace, *, timeout: float | None = None) -> T:
+def _run(
+    fn: Callable[[], Awaitable[T]],
+    args: argparse.Namespace,
+    *,
+    timeout: float | None = None,
+    stop: StopRequest | None = None,
+) -> T:
     """Run ``fn`` in a fresh ``trio.run`` (on the test clock when one is set), within the
     command's deadline (``--timeout``, or ``timeout``): past it, everything is cancelled
-    (the provider closes, shielded and bounded) and `CommandError` is raised, exit 1."""
+    (the provider closes, shielded and bounded) and `CommandError` is raised, exit 1.
+
+    With ``stop`` (in the main thread), Ctrl-C is a request to stop at a safe point, not a
+    ``KeyboardInterrupt`` (see `queue_runtime.cli.progress`): ``fn`` raises `Interrupted` at
+    such a point, which passes through; a second Ctrl-C cancels ``fn`` and raises
+    ``Interrupted(at_once=True)``."""
     seconds = timeout if timeout is not None else getattr(args, "timeout", None)
 
-    async def main() -> T:
+    async def body() -> T:
         if seconds is None:
             return await fn()
         with trio.move_on_after(seconds) as scope:
@@ -144,6 +157,26 @@ def _run(fn: Callable[[], Awaitable[T]], args: argparse.Namespace, *, timeout: f
             " time; check the endpoint and the network, or give a longer --timeout",
             1,
         )
+
+    async def main() -> T:
+        if stop is None or not can_watch_signals():
+            return await body()
+        results: list[T] = []
+        failure: Exception | KeyboardInterrupt | None = None
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watch_interrupts, stop)
+            try:
+                with stop.everything:
+                    results.append(await body())
+            except (Exception, KeyboardInterrupt) as error:  # re-raised below, outside the nursery
+                failure = error  # (so it is not wrapped in an exception group)
+            finally:
+                nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        if not results:
+            raise Interrupted(at_once=True)
+        return results[0]
 
     clock = _override.clock if _override is not None else None
     return trio.run(main, clock=clock)
@@ -257,32 +290,6 @@ def _is_tty(stderr: bool = True) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):
         return False
-
-
-@contextlib.contextmanager
-def _progress(description: str, total: int | None) -> Iterator[Callable[[int], None] | None]:
-    """A transient rich progress bar on stderr when it is a terminal; yields ``advance(n)`` or
-    None (no terminal: scripts and logs get no control characters)."""
-    if not _is_tty():
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    progress: Progress = Progress(
-        TextColumn("{task.description}", markup=False),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=_console(stderr=True),
-        transient=True,
-    )
-    with progress:
-        task = progress.add_task(description, total=total)
-
-        def advance(count: int) -> None:
-            progress.advance(task, count)
-
-        yield advance
 
 
 def _iso(value: Any) -> str | None:
@@ -464,10 +471,19 @@ def _cmd_send(args: argparse.Namespace) -> int:
             for _ in range(count)
         ]
 
+    stop = StopRequest()
+    sent_count = 0
+    meter: Meter | None = None
+
     def sent(chunk: Sequence[Message]) -> None:
         # Printed as each provider batch is sent, and only then: the ids on stdout are exactly
         # the messages sent, also when the command is interrupted or a later batch fails.
+        nonlocal sent_count
         print("\n".join(message.message_id for message in chunk), flush=True)
+        sent_count += len(chunk)
+        if meter is not None:
+            meter.advance(len(chunk))
+        stop.check()  # Ctrl-C: stop here, between two sent batches
 
     async def send() -> None:
         async with _open_provider(settings) as provider:
@@ -481,7 +497,23 @@ def _cmd_send(args: argparse.Namespace) -> int:
                 await client.send_batch(queue, chunk, on_sent=sent)
                 remaining -= len(chunk)
 
-    _run(send, args)
+    try:
+        with (
+            _progress(f"sending to {queue}", args.count) if args.count > 1 else contextlib.nullcontext()
+        ) as meter:
+            _run(send, args, stop=stop)
+    except Interrupted as interrupted:
+        at_once = (
+            "; stopped at once: the batch being sent then may or may not have gone"
+            if interrupted.at_once
+            else ""
+        )
+        print(
+            f"queue-runtime: interrupted: sent {sent_count} of {args.count} messages (their ids are"
+            f" printed){at_once}",
+            file=sys.stderr,
+        )
+        return 130
     if settings.provider == "memory" and _override is None:
         print(
             "queue-runtime: note: the memory provider keeps messages inside this process only;"
@@ -558,17 +590,27 @@ def _cmd_dlq_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     target, in_place = _export_target(out)
 
+    stop = StopRequest()
+
     async def peek() -> list[ReceivedMessage]:
         async with _open_provider(settings) as provider:
-            return await QueueClient(provider).peek_dead_letters(queue, args.max)
+            with stop.cancellable():  # a peek changes nothing: Ctrl-C cancels it at once
+                return await QueueClient(provider).peek_dead_letters(queue, args.max)
+        raise Interrupted
 
-    with _progress(f"reading dead letters of {queue}", None):
-        messages = _run(peek, args)
-    with _progress(f"exporting to {out.name}", len(messages)) as advance:
-        if in_place:
-            _write_in_place(out, messages, advance)
-        else:
-            _write_atomically(target, messages, advance)
+    try:
+        with _progress(f"reading dead letters of {queue}", None) as reading:
+            messages = _run(peek, args, stop=stop)
+            reading.advance(len(messages))
+        with _progress(f"exporting to {out.name}", len(messages)) as writing:
+            if in_place:
+                _write_in_place(out, messages, writing.advance)
+            else:
+                _write_atomically(target, messages, writing.advance)
+    except (Interrupted, KeyboardInterrupt):
+        kept = "" if in_place else f"; {str(out)!r} is untouched"
+        print(f"queue-runtime: interrupted: nothing exported{kept}", file=sys.stderr)
+        return 130
     more = " (the --max limit: there may be more)" if len(messages) >= args.max else ""
     # Written into a stream (/dev/stdout, a pipe): the summary goes to stderr, not into the data.
     print(
@@ -578,19 +620,15 @@ def _cmd_dlq_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_lines(
-    messages: Sequence[ReceivedMessage], advance: Callable[[int], None] | None
-) -> Iterator[bytes]:
+def _export_lines(messages: Sequence[ReceivedMessage], advance: Callable[[int], None]) -> Iterator[bytes]:
     for index, dead in enumerate(messages):
         line = json.dumps(export_record(dead), ensure_ascii=False, separators=(",", ":"))
         yield line.encode("utf-8") + b"\n"
-        if advance is not None and (index % 100 == 99 or index == len(messages) - 1):
+        if index % 100 == 99 or index == len(messages) - 1:
             advance(index % 100 + 1)
 
 
-def _write_in_place(
-    out: Path, messages: Sequence[ReceivedMessage], advance: Callable[[int], None] | None
-) -> None:
+def _write_in_place(out: Path, messages: Sequence[ReceivedMessage], advance: Callable[[int], None]) -> None:
     """Write the export into an existing special file (FIFO, character device) as it is."""
     try:
         with open(out, "wb") as handle:
@@ -600,9 +638,7 @@ def _write_in_place(
         raise CommandError(f"cannot write {str(out)!r}: {error.strerror or error}", 1) from None
 
 
-def _write_atomically(
-    out: Path, messages: Sequence[ReceivedMessage], advance: Callable[[int], None] | None
-) -> None:
+def _write_atomically(out: Path, messages: Sequence[ReceivedMessage], advance: Callable[[int], None]) -> None:
     """Write one JSON line per message to a temporary file beside ``out``, then rename it into
     place; on any failure (Ctrl-C included) the temporary file is removed and ``out`` is
     untouched. The file is created readable by its owner only: it holds message bodies."""
@@ -629,12 +665,17 @@ def _write_atomically(
 def _cmd_dlq_replay(args: argparse.Namespace) -> int:
     settings, queue = _settings(args)
     failed_ids: list[str] = []
+    outcomes = {"replayed": 0, "failed": 0, "skipped": 0}
+    stop = StopRequest()
 
-    async def replay(advance: Callable[[int], None] | None) -> Any:
+    async def replay(meter: Meter) -> Any:
         async with _open_provider(settings) as provider:
             client = QueueClient(provider)
 
             def on_message(dead: ReceivedMessage, outcome: ReplayOutcome) -> None:
+                # Called once the message's outcome is final (sent and removed, or left): the
+                # safe point where Ctrl-C stops the pass (the client hands the held ones back).
+                outcomes[outcome] += 1
                 if outcome == "failed":
                     failed_ids.append(dead.message_id)
                 if args.dry_run and outcome == "replayed":
@@ -643,8 +684,9 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
                         f" reason={dead.dead_letter_reason or '-'}",
                         flush=True,
                     )
-                if advance is not None and outcome != "skipped":
-                    advance(1)
+                if outcome != "skipped":
+                    meter.advance(1)
+                stop.check()
 
             return await client.replay_dead_letters(
                 queue,
@@ -656,12 +698,31 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
 
     total = _dead_letter_depth(settings, queue, args) if _is_tty() else None
     verb = "checking" if args.dry_run else "replaying"
-    with _progress(f"{verb} dead letters of {queue}", total) as advance:
-        result = _run(lambda: replay(advance), args)
+    interrupted: Interrupted | None = None
+    try:
+        with _progress(f"{verb} dead letters of {queue}", total) as meter:
+            result = _run(lambda: replay(meter), args, stop=stop)
+    except Interrupted as stopped:
+        interrupted = stopped
+        result = ReplayResult(**outcomes)
     for message_id in failed_ids:
         print(f"failed {message_id} (it stays dead-lettered)")
     label = "would replay" if args.dry_run else "replayed"
     print(f"{label} {result.replayed}, failed {result.failed}, skipped {result.skipped}")
+    if interrupted is not None:
+        at_once = (
+            "; stopped at once: the message being replayed then may have been sent and also stay"
+            " dead-lettered (a duplicate, never a loss)"
+            if interrupted.at_once
+            else ""
+        )
+        done = "nothing changed" if args.dry_run else "each sent and removed from the dead-letter queue"
+        print(
+            f"queue-runtime: interrupted: {label} {result.replayed} ({done}); the rest stay"
+            f" dead-lettered{at_once}",
+            file=sys.stderr,
+        )
+        return 130
     if result.failed:
         raise CommandError(
             f"{result.failed} dead-lettered message(s) of {queue!r} could not be sent back and stay"
@@ -673,7 +734,7 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
 
 def _dead_letter_depth(settings: Settings, queue: str, args: argparse.Namespace) -> int | None:
     """The DLQ depth for the progress bar's total, where the provider knows it cheaply."""
-    limit: int | None = args.max
+    limit: int | None = getattr(args, "max", None)
 
     async def depth() -> int | None:
         async with _open_provider(settings) as provider:
@@ -688,19 +749,121 @@ def _dead_letter_depth(settings: Settings, queue: str, args: argparse.Namespace)
     return min(known, limit) if limit is not None else known
 
 
+def _cmd_dlq_summary(args: argparse.Namespace) -> int:
+    from .dlq_summary import GROUPINGS, summarize
+
+    settings, queue = _settings(args)
+    stop = StopRequest()
+
+    async def peek() -> list[ReceivedMessage]:
+        async with _open_provider(settings) as provider:
+            with stop.cancellable():  # a peek changes nothing: Ctrl-C cancels it at once
+                return await QueueClient(provider).peek_dead_letters(queue, args.max)
+        raise Interrupted
+
+    try:
+        with _progress(f"reading dead letters of {queue}", None) as reading:
+            messages = _run(peek, args, stop=stop)
+            reading.advance(len(messages))
+    except Interrupted:
+        print("queue-runtime: interrupted: nothing summarized", file=sys.stderr)
+        return 130
+    summary = summarize(queue, messages, limit=args.max)
+    if args.json:
+        _print_json(summary)
+        return 0
+    if not messages:
+        print(f"no dead-lettered messages in {queue!r}")
+        return 0
+    from rich.table import Table
+
+    console = _console()
+    more = "" if summary["complete"] else f", the first {len(messages)} (--max): there may be more"
+    console.print(_literal(f"{len(messages)} dead letters of {queue!r}{more} (times in UTC)"))
+    for name, title, _ in GROUPINGS:
+        table = Table(title=_literal(f"by {title}"), title_justify="left")
+        table.add_column(title, overflow="fold")
+        table.add_column("count", justify="right")
+        table.add_column("share", justify="right")
+        table.add_column("first enqueued", overflow="fold")
+        table.add_column("last enqueued", overflow="fold")
+        if name != "by_reason":
+            table.add_column("reasons", overflow="fold")
+        for row in summary[name]:
+            cells: list[Text | str] = [
+                _literal(row["key"] if row["key"] is not None else "(none)"),
+                str(row["count"]),
+                f"{row['count'] / len(messages):.0%}",
+                _short_time(row["first_enqueued"]),
+                _short_time(row["last_enqueued"]),
+            ]
+            if name != "by_reason":
+                cells.append(_literal(", ".join(f"{k or '(none)'} {v}" for k, v in row["reasons"].items())))
+            table.add_row(*cells)
+        console.print(table)
+    return 0
+
+
+def _short_time(iso: str | None) -> str:
+    """``2026-12-03 07:48:45`` (UTC) from an ISO timestamp, for tables."""
+    if not iso:
+        return ""
+    from datetime import UTC, datetime
+
+    try:
+        moment = datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
 def _cmd_dlq_purge(args: argparse.Namespace) -> int:
     if not args.yes:
         raise CommandError("dlq purge deletes every dead-lettered message for good: add --yes to confirm", 2)
     settings, queue = _settings(args)
+    stop = StopRequest()
 
-    async def purge() -> int:
+    async def purge(meter: Meter) -> None:
+        # The dead-letter queue's messages are received and completed one by one (what
+        # `Provider.purge_dead_letters` does by default), so the count moves and Ctrl-C stops
+        # between two messages; the rest of a received batch is handed back at once.
         async with _open_provider(settings) as provider:
             provider.validate_queue_name(queue)
-            return await provider.purge_dead_letters(queue)
+            batch_size = provider.capabilities.max_batch_count
+            async with await provider.open_receiver(queue, dead_letter=True) as receiver:
+                while batch := await receiver.receive(batch_size, 0.0):
+                    for index, message in enumerate(batch):
+                        if stop.requested:
+                            with trio.CancelScope(shield=True):
+                                await _abandon_quietly(receiver, batch[index:])
+                            stop.check()
+                        await receiver.complete(message)
+                        meter.advance(1)
 
-    removed = _run(purge, args)
-    print(f"purged {removed} dead-lettered messages of {queue!r}")
+    total = _dead_letter_depth(settings, queue, args) if _is_tty() else None
+    try:
+        with _progress(f"purging dead letters of {queue}", total) as meter:
+            _run(lambda: purge(meter), args, stop=stop)
+    except Interrupted as interrupted:
+        at_once = (
+            "; stopped at once: the message being removed then may or may not be gone"
+            if interrupted.at_once
+            else ""
+        )
+        print(f"purged {meter.count} dead-lettered messages of {queue!r}")
+        print(f"queue-runtime: interrupted: the rest stay dead-lettered{at_once}", file=sys.stderr)
+        return 130
+    print(f"purged {meter.count} dead-lettered messages of {queue!r}")
     return 0
+
+
+async def _abandon_quietly(receiver: Receiver, messages: Sequence[ReceivedMessage]) -> None:
+    """Hand ``messages`` back at once; one whose lock is gone comes back by itself."""
+    for message in messages:
+        with contextlib.suppress(QueueError):
+            await receiver.abandon(message)
 
 
 def _needs_subcommand(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
@@ -1052,6 +1215,25 @@ def _register_dlq(subparsers: Any) -> None:
     replay.add_argument("--dry-run", action="store_true", help="list what would be replayed; change nothing")
     _add_timeout(replay, "dlq replay", LONG_TIMEOUT)
     replay.set_defaults(handler=_command(_cmd_dlq_replay))
+
+    summary = _subparser(
+        commands,
+        "summary",
+        "count dead letters by reason, error type and session prefix, with first and last enqueue times",
+        _epilog(
+            "queue-runtime dlq summary --queue orders", "queue-runtime dlq summary -q orders --json | jq ."
+        ),
+    )
+    add_config_flags(summary)
+    summary.add_argument(
+        "--max",
+        type=_int_type(1, MAX_EXPORT),
+        default=EXPORT_DEFAULT_MAX,
+        help=f"look at most at N messages, oldest first (default {EXPORT_DEFAULT_MAX}, at most {MAX_EXPORT})",
+    )
+    summary.add_argument("--json", action="store_true", help="JSON for scripts")
+    _add_timeout(summary, "dlq summary", LONG_TIMEOUT)
+    summary.set_defaults(handler=_command(_cmd_dlq_summary))
 
     purge = _subparser(
         commands,
