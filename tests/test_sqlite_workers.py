@@ -72,7 +72,11 @@ def test_three_workers_two_producers_one_killed(tmp_path: Path) -> None:
     sent = {group: PER_GROUP for names in groups.values() for group in names}
     total = len(sent) * PER_GROUP
     workers = [
-        WorkerProcess(["drills.recorder:Recorder", "-q", "steps", "--idle-timeout", "1"], env=env)
+        # At most 15 of the 40 sessions each: all three workers must take part.
+        WorkerProcess(
+            ["drills.recorder:Recorder", "-q", "steps", "--idle-timeout", "1", "--max-sessions", "15"],
+            env=env,
+        )
         for _ in range(3)
     ]
     producers: list[subprocess.Popen[str]] = []

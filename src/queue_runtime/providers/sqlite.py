@@ -26,17 +26,19 @@ Concurrency with other processes
 
 On trio
     With the default wall clock, every SQLite call runs on a worker thread
-    (``trio.to_thread.run_sync`` with a per-provider `trio.CapacityLimiter` of 1: one
-    connection, used by one thread at a time), so the trio loop never blocks on the disk or on
-    another process's lock. A call is one transaction run by one function in the thread, and
-    it is not abandoned when its caller is cancelled (``abandon_on_cancel=False``): the
-    transaction commits or rolls back as a whole, then the caller sees ``Cancelled`` at its
-    next checkpoint. A call cancelled before it started (waiting for the connection) does
-    nothing. So a cancelled call leaves either nothing or its whole effect: a cancelled
-    ``receive`` may have locked messages it never handed out, which come back when their lock
-    expires (or at once when the session is released); a cancelled ``complete`` either
-    completed the message or did not. `Receiver.aclose` is shielded: a cancelled close still
-    releases the session (bounded by ``busy_timeout``).
+    (``trio.to_thread.run_sync``, ``abandon_on_cancel=False``), so the trio loop never blocks
+    on the disk or on another process's lock. One connection per provider, used by one thread
+    at a time, with group commit: calls made while a batch runs queue up and run as the next
+    batch, in one thread hop, their writes in one transaction with a savepoint per call (a
+    call that fails is rolled back alone), committed before any of them returns (batches of
+    at most 64 calls). A call is never abandoned midway: a call cancelled while it is still
+    queued is removed and does nothing; once its batch started, it completes (or rolls back)
+    as a whole and the caller sees ``Cancelled`` at its next checkpoint. So a cancelled call
+    leaves either nothing or its whole effect: a cancelled ``receive`` may have locked
+    messages it never handed out, which come back when their lock expires (or at once when
+    the session is released); a cancelled ``complete`` either completed the message or did
+    not. `Receiver.aclose` is shielded: a cancelled close still releases the session (bounded
+    by ``busy_timeout``).
 
 Waiting without busy polling
     ``receive`` and ``accept_session`` on an empty source wait on a trio event that a send,
@@ -80,6 +82,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, TypeVar
 
 import msgspec
+import outcome
 import trio
 
 from ..errors import (
@@ -226,9 +229,25 @@ def _is_busy(error: sqlite3.Error) -> bool:
     return name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in str(error)
 
 
+class _Job:
+    """One call waiting for the connection (see `SqliteProvider._call`)."""
+
+    __slots__ = ("args", "event", "fn", "lead", "outcome", "state", "write")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], write: bool | None) -> None:
+        self.fn = fn
+        self.args = args
+        self.write = write
+        self.event = trio.Event()
+        self.state = "queued"  # "queued" -> "running" -> "done"
+        self.lead = False  # handed the lead: it runs the next batches itself
+        self.outcome: outcome.Outcome[Any] | None = None
+
+
 class _Store:
-    """The database side: one connection, one transaction per call, used by one thread at a
-    time (the provider's limiter). Every public method here runs inside `transact`."""
+    """The database side: one connection, one transaction per call (or per batch of calls,
+    `run_batch`), used by one thread at a time (the provider's lead task). Every operation
+    method here runs inside `transact` or `run_batch`."""
 
     def __init__(
         self, path: str, *, synchronous: Synchronous, busy_timeout: float, clock: Callable[[], float] | None
@@ -393,6 +412,63 @@ class _Store:
                     conn.execute("ROLLBACK")
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def run_batch(self, jobs: list[_Job]) -> None:
+        """Run ``jobs`` (the calls queued while the previous batch ran) in one thread hop:
+        the write jobs in one ``BEGIN IMMEDIATE`` transaction, each in its own savepoint (a
+        job that fails is rolled back alone), committed once before any caller is answered;
+        the others one by one. Each job's outcome is stored on it; nothing raises."""
+        writes = [job for job in jobs if job.write]
+        for job in jobs:
+            if not job.write:
+                job.outcome = outcome.capture(self.transact, job.fn, job.args, job.write)
+        if len(writes) == 1:
+            job = writes[0]
+            job.outcome = outcome.capture(self.transact, job.fn, job.args, True)
+        elif writes:
+            self._group(writes)
+
+    def _group(self, jobs: list[_Job]) -> None:
+        try:
+            conn = self.connection()
+        except BaseException as error:
+            for job in jobs:
+                job.outcome = outcome.Error(error)
+            return
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for job in jobs:
+                    conn.execute("SAVEPOINT job")
+                    try:
+                        job.outcome = outcome.Value(job.fn(*job.args))
+                    except _CommitThen as then:
+                        job.outcome = outcome.Error(then.error)
+                    except (QueueError, sqlite3.Error) as error:
+                        if isinstance(error, sqlite3.Error) and _is_busy(error):
+                            raise
+                        conn.execute("ROLLBACK TO job")
+                        job.outcome = outcome.Error(
+                            self._mapped(error) if isinstance(error, sqlite3.Error) else error
+                        )
+                    conn.execute("RELEASE job")
+                conn.execute("COMMIT")
+                return
+            except sqlite3.Error as error:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if _is_busy(error) and attempt < _ATTEMPTS:
+                    time.sleep(0.01 * attempt)
+                    continue
+                for job in jobs:
+                    job.outcome = outcome.Error(self._mapped(error))
+                return
+            except BaseException as error:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                for job in jobs:
+                    job.outcome = outcome.Error(error)
+                return
 
     def data_version(self) -> int:
         conn = self.connection()
@@ -1003,7 +1079,9 @@ class SqliteProvider(Provider):
             self.path, synchronous=synchronous, busy_timeout=float(busy_timeout), clock=clock
         )
         self._inline = clock is not None
-        self._limiter = trio.CapacityLimiter(1)
+        self._jobs: list[_Job] = []
+        self._busy = False
+        self._max_batch = 64
         self._queues: dict[str, tuple[_Q, _Q]] = {}
         self._signals = _Signals()
         self._closed = False
@@ -1036,9 +1114,51 @@ class SqliteProvider(Provider):
                 return self._store.transact(fn, args, write)
             finally:
                 await trio.lowlevel.cancel_shielded_checkpoint()
-        return await trio.to_thread.run_sync(
-            self._store.transact, fn, args, write, limiter=self._limiter, abandon_on_cancel=False
-        )
+        await trio.lowlevel.checkpoint_if_cancelled()
+        job = _Job(fn, args, write)
+        result: T = (await self._run_job(job)).unwrap()
+        return result
+
+    async def _run_job(self, job: _Job) -> outcome.Outcome[Any]:
+        """Group commit: calls queue up while a batch runs; one task at a time (the lead) runs
+        the queued calls as the next batch, in one thread hop (`_Store.run_batch`), until its
+        own call is done, then hands the lead to the first call still queued. A call cancelled
+        while queued is removed (nothing done); once in a batch it is waited for (shielded)."""
+        jobs = self._jobs
+        jobs.append(job)
+        if self._busy:
+            try:
+                await job.event.wait()
+            except trio.Cancelled:
+                if job.state == "queued" and not job.lead:
+                    jobs.remove(job)
+                    raise
+                with trio.CancelScope(shield=True):
+                    await job.event.wait()
+            if not job.lead:
+                assert job.outcome is not None
+                return job.outcome
+        with trio.CancelScope(shield=True):  # the lead serves others too: never abandoned midway
+            self._busy = True
+            try:
+                while job.state != "done":
+                    batch = jobs[: self._max_batch]
+                    del jobs[: len(batch)]
+                    for queued in batch:
+                        queued.state = "running"
+                    await trio.to_thread.run_sync(self._store.run_batch, batch, abandon_on_cancel=False)
+                    for queued in batch:
+                        queued.state = "done"
+                        if queued is not job:
+                            queued.event.set()
+            finally:
+                if jobs:
+                    jobs[0].lead = True  # stays busy: the next lead takes over
+                    jobs[0].event.set()
+                else:
+                    self._busy = False
+        assert job.outcome is not None
+        return job.outcome
 
     async def _queue(self, name: str) -> tuple[_Q, _Q]:
         found = self._queues.get(name)
@@ -1262,7 +1382,7 @@ class SqliteProvider(Provider):
                 self._store.close()
                 await trio.lowlevel.checkpoint()
             else:
-                await trio.to_thread.run_sync(self._store.close, limiter=self._limiter)
+                await self._run_job(_Job(self._store.close, (), None))
 
 
 class _SessionReceiver(Receiver):
