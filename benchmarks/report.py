@@ -12,7 +12,7 @@ from typing import Any
 
 from ._common import DOCS_DIR, RESULTS_DIR, machine, versions
 
-ORDER = ("throughput", "memory", "latency", "sqs", "telemetry_cost", "scaling")
+ORDER = ("throughput", "memory", "latency", "sqs", "telemetry_cost", "scaling", "sqlite")
 
 
 def _load(results: Path) -> dict[str, dict[str, Any]]:
@@ -58,6 +58,7 @@ def render(results: Path = RESULTS_DIR) -> str:
         "uv run --all-extras python -m benchmarks --size quick --only throughput memory",
         "uv run --all-extras queue-runtime bench --tiny --no-docs   # smoke run, same entry point",
         "uv run --all-extras python -m benchmarks.memory --child 100000   # one memory size, JSON out",
+        "uv run --all-extras python -m benchmarks --size full --only sqlite   # section 7 alone",
         "```",
         "",
     ]
@@ -68,6 +69,7 @@ def render(results: Path = RESULTS_DIR) -> str:
         "sqs": _sqs,
         "telemetry_cost": _telemetry,
         "scaling": _scaling,
+        "sqlite": _sqlite,
     }
     for name in ORDER:
         if name in data:
@@ -187,6 +189,34 @@ def _scaling(d: dict[str, Any]) -> list[str]:
     ]
 
 
+def _sqlite(d: dict[str, Any]) -> list[str]:
+    one, two, hand = d["rows"]
+    return [
+        "## 7. SQLite end to end (worker processes on one file)",
+        "",
+        "`benchmarks/sqlite.py`: a fresh database file per try (WAL, `synchronous=NORMAL`), filled",
+        f"before the clock starts with the messages round robin over {d['sessions']} sessions. Runtime:",
+        "1 or 2 `queue-runtime` worker processes (`SqliteProvider` + `Supervisor`,",
+        "`max_concurrent_sessions` = sessions, prefetch 10, one `complete` per message). Hand-written:",
+        "one process, a trio loop that claims the oldest unclaimed session's next 10 messages in one",
+        "`BEGIN IMMEDIATE` transaction, decodes and awaits the same handler for each in order, and",
+        "deletes each in its own transaction once handled (the runtime's per-message settlement),",
+        "its SQLite calls on a worker thread like the provider's. The children start and open the",
+        'file first; the clock runs from "go" until no message is left. Client CPU is',
+        "`time.process_time()` of the consumer processes (all their threads), summed. Tries alternate;",
+        "medians; the ratios are medians of per-round ratios."
+        + (f" Measured on: {d['machine']}." if d.get("machine") else ""),
+        "",
+        d["table"],
+        "",
+        f"One worker: **{one['msgs_per_s']:,.0f} msg/s** (target >= 2,000:"
+        f" {'met' if one['msgs_per_s'] >= 2000 else '**not met**'}), **{one['rate_ratio']:.2f}x** the"
+        f" hand-written loop's rate (target >= 0.8: {'met' if one['rate_ratio'] >= 0.8 else '**not met**'}),"
+        f" {one['cpu_us_per_msg']:.0f} us of client CPU per message against {hand['cpu_us_per_msg']:.0f}."
+        f" Two workers: {two['msgs_per_s']:,.0f} msg/s, {two['cpu_us_per_msg']:.0f} us per message.",
+    ]
+
+
 def _notes(data: dict[str, dict[str, Any]]) -> list[str]:
     """What limits what, with the figures that show it."""
     out = ["## What limits what", ""]
@@ -296,6 +326,22 @@ def _notes(data: dict[str, dict[str, Any]]) -> list[str]:
             "  runtime side's profile is dominated by the HTTP calls (botocore serialise/sign/parse,",
             "  httpx, and a TCP connect per call: moto's server closes the connection after each",
             "  response), so the CPU ratio follows the call ratio.",
+        ]
+    if "sqlite" in data:
+        one, two, _hand = data["sqlite"]["rows"]
+        out += [
+            "- **SQLite.** Every write goes through one file lock, so the rate is bounded by",
+            "  transactions per second, not by workers. The provider does group commit: calls that",
+            "  arrive while a batch runs (with many sessions, most settlements) go to the thread together",
+            "  and commit in one transaction, a savepoint each; every call still returns only after its",
+            "  commit. Before that (one thread hop and one commit per call) one worker reached 0.42x the",
+            "  hand-written loop (2,960 against 7,717 msg/s, 261 us against 113 us of CPU per message,",
+            "  quick size). The hand-written loop commits every delete alone, as written; it could batch",
+            "  its deletes too, and would then be faster again. A second worker process does not add",
+            f"  throughput here ({two['msgs_per_s']:,.0f} against {one['msgs_per_s']:,.0f} msg/s): both",
+            "  contend for the one write lock (`BEGIN IMMEDIATE`, busy handler), their batches get",
+            "  smaller, and on this 2-core box they share the cores with the parent. Add worker",
+            "  processes for handlers that wait on I/O or burn CPU, not for the broker's sake.",
         ]
     if "telemetry_cost" in data:
         rows = data["telemetry_cost"]["rows"]

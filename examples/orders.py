@@ -1,6 +1,7 @@
 """Order processing: every event of one order, in order, with the running total as state.
 
-Run a worker (in-memory broker by default; set QUEUE_PROVIDER=aws or azure for a cloud one)::
+Run a worker (the SQLite broker in ./queue-runtime.db by default, shared with the other commands
+of this host; set QUEUE_PROVIDER=aws or azure for a cloud one)::
 
     queue-runtime worker examples.orders:OrderActor --queue orders
 

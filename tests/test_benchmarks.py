@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import BENCHMARKS, latency, memory, scaling, sqs, telemetry_cost, throughput
+from benchmarks import BENCHMARKS, latency, memory, scaling, sqlite, sqs, telemetry_cost, throughput
 from benchmarks.__main__ import build_parser
 from benchmarks._common import percentile, table
 from benchmarks.inmemory import baseline_try, runtime_try
@@ -104,6 +104,20 @@ def test_sqs_runtime_and_hand_written_consume_the_same_work(tmp_path: Path, requ
         assert row["api_calls_per_msg"] > 0 and row["cpu_us_per_msg"] > 0
 
 
+def test_sqlite_runtime_workers_and_hand_written_loop_drain_the_same_work(tmp_path: Path) -> None:
+    # run() raises unless every side handled exactly the messages sent.
+    sqlite.run("tiny", tmp_path)
+    data = _json(tmp_path, "sqlite")
+    rows = data["rows"]
+    assert [row["consumer"] for row in rows] == list(sqlite.SIDES)
+    for row in rows:
+        assert row["msgs_per_s"] > 0 and row["cpu_us_per_msg"] > 0
+        assert sum(row["tries_raw"][0]["per_process"]) == row["messages"]
+    assert len(rows[1]["tries_raw"][0]["per_process"]) == 2  # two worker processes
+    assert rows[2]["rate_ratio"] == 1.0
+    assert "## 7. SQLite end to end" in render(tmp_path)
+
+
 def test_report_renders_every_result(tmp_path: Path) -> None:
     throughput.run("tiny", tmp_path)
     latency.run("tiny", tmp_path)
@@ -127,7 +141,15 @@ def test_entry_points_parse_sizes_and_names(capsys: Any) -> None:
         build_parser().parse_args(["--only", "nope"])
     assert cli_main(["bench", "--tiny", "--only", "nope", "--no-docs"]) == 2
     assert "unknown benchmark 'nope'" in capsys.readouterr().err
-    assert set(BENCHMARKS) == {"throughput", "memory", "latency", "telemetry_cost", "scaling", "sqs"}
+    assert set(BENCHMARKS) == {
+        "throughput",
+        "memory",
+        "latency",
+        "telemetry_cost",
+        "scaling",
+        "sqs",
+        "sqlite",
+    }
 
 
 def test_cli_bench_runs_the_same_entry_point(monkeypatch: Any, tmp_path: Path) -> None:

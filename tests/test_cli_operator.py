@@ -487,7 +487,7 @@ def test_config_validate_ok_and_problems_one_per_line(
 ) -> None:
     code, out, err = run("config", "validate", "--queue", "orders")
     assert (code, err) == (0, "")
-    assert out == "configuration is valid: provider 'memory', queue 'orders'\n"
+    assert out == "configuration is valid: provider 'sqlite', queue 'orders'\n"
 
     code, out, err = run("config", "validate")  # no queue
     assert (code, out) == (1, "")

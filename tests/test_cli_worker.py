@@ -139,11 +139,15 @@ def test_debug_shows_the_traceback(project: Path, capsys: pytest.CaptureFixture[
 
 
 @pytest.mark.slow
-def test_worker_process_drains_on_sigterm_and_exits_0() -> None:
+def test_worker_process_drains_on_sigterm_and_exits_0(tmp_path: Path) -> None:
     queue = f"orders-{uuid.uuid4().hex[:6]}"
-    worker = WorkerProcess(["examples.orders:OrderActor", "--queue", queue, "--idle-timeout", "1"])
+    # No provider configured: the default, SQLite (in this test's own file).
+    worker = WorkerProcess(
+        ["examples.orders:OrderActor", "--queue", queue, "--idle-timeout", "1"],
+        env={"QUEUE_SQLITE_PATH": str(tmp_path / "queue.db")},
+    )
     try:
-        worker.wait_for(f"accepting sessions on {queue} (memory)")
+        worker.wait_for(f"accepting sessions on {queue} (sqlite)")
         worker.terminate()
         assert worker.wait(timeout=20) == 0, worker.log
         log = worker.log
@@ -159,9 +163,10 @@ def test_worker_process_drains_on_sigterm_and_exits_0() -> None:
 
 
 @pytest.mark.slow
-def test_worker_process_json_logs_and_sigint() -> None:
+def test_worker_process_json_logs_and_sigint(tmp_path: Path) -> None:
     worker = WorkerProcess(
-        ["examples.orders:OrderActor", "-q", "orders", "--log-format", "json", "--log-level", "debug"]
+        ["examples.orders:OrderActor", "-q", "orders", "--log-format", "json", "--log-level", "debug"],
+        env={"QUEUE_SQLITE_PATH": str(tmp_path / "queue.db")},
     )
     try:
         worker.wait_for("accepting sessions")
@@ -202,7 +207,8 @@ def test_worker_process_exit_code_after_signals_while_handle_blocks(
     (tmp_path / "blocking_actor.py").write_text(BLOCKING_ACTOR)
     grace = "1" if len(signals) == 1 else "60"  # two signals: the drain must not end by itself
     worker = WorkerProcess(
-        ["blocking_actor:Blocking", "-q", "blocking", "--shutdown-grace", grace], cwd=tmp_path
+        ["blocking_actor:Blocking", "-q", "blocking", "--shutdown-grace", grace, "--provider", "memory"],
+        cwd=tmp_path,
     )
     try:
         worker.wait_for("handling ")

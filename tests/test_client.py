@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -309,7 +310,7 @@ async def test_open_client_builds_and_closes_the_configured_provider(autojump_cl
 async def test_open_client_with_settings_and_overrides(autojump_clock: Any) -> None:
     from queue_runtime.config import load_settings
 
-    settings = load_settings(env={}, memory={"lock_duration": 7.0})
+    settings = load_settings(env={}, provider="memory", memory={"lock_duration": 7.0})
     async with open_client(settings) as client:
         assert isinstance(client.provider, InMemoryProvider)
         assert client.provider.lock_duration == 7.0
@@ -318,6 +319,21 @@ async def test_open_client_with_settings_and_overrides(autojump_clock: Any) -> N
     with pytest.raises(ConfigurationError):
         async with open_client(settings, no_such_setting=1):
             pass
+
+
+async def test_open_client_defaults_to_sqlite_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from queue_runtime.providers.sqlite import SqliteProvider
+
+    monkeypatch.chdir(tmp_path)
+    async with open_client(env={}, config_file=None) as client:
+        assert isinstance(client.provider, SqliteProvider)
+        assert client.provider.system == "sqlite"
+        await client.send("orders", msg("s", 1))
+    assert (tmp_path / "queue-runtime.db").is_file()
+    async with open_client(env={}, config_file=None) as client:  # durable: a new client sees it
+        assert (await client.provider.queue_stats("orders")).active == 1
 
 
 async def test_open_client_bad_configuration_is_one_clear_error(autojump_clock: Any) -> None:

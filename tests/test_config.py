@@ -337,6 +337,12 @@ ENV_CASES: list[tuple[str, str, str, Any]] = [
     ),
     ("AZURE_CLIENT_ID", "client-123", "azure.client_id", "client-123"),
     ("AZURE_TENANT_ID", "tenant-456", "azure.tenant_id", "tenant-456"),
+    ("QUEUE_SQLITE_PATH", "/var/lib/app/queue.db", "sqlite.path", "/var/lib/app/queue.db"),
+    ("QUEUE_SQLITE_SYNCHRONOUS", "full", "sqlite.synchronous", "FULL"),
+    ("QUEUE_SQLITE_BUSY_TIMEOUT_SECONDS", "2.5", "sqlite.busy_timeout", 2.5),
+    ("QUEUE_SQLITE_LOCK_DURATION_SECONDS", "30", "sqlite.lock_duration", 30.0),
+    ("QUEUE_SQLITE_MAX_DELIVERY_COUNT", "4", "sqlite.max_delivery_count", 4),
+    ("QUEUE_SQLITE_POLL_INTERVAL_SECONDS", "0.05", "sqlite.poll_interval", 0.05),
     ("QUEUE_METRICS_PORT", "9464", "telemetry.metrics_port", 9464),
     ("QUEUE_METRICS_HOST", "0.0.0.0", "telemetry.metrics_host", "0.0.0.0"),
     ("QUEUE_SECRETS_REFRESH_INTERVAL_SECONDS", "60", "secrets.refresh_interval", 60.0),
@@ -777,7 +783,7 @@ def test_unknown_provider_in_create_provider() -> None:
     loaded = Settings()
     msgspec.structs.force_setattr(loaded, "provider", "gcp")
     with pytest.raises(
-        ConfigurationError, match=r"unknown provider 'gcp': use one of 'memory', 'aws', 'azure'"
+        ConfigurationError, match=r"unknown provider 'gcp': use one of 'sqlite', 'memory', 'aws', 'azure'"
     ):
         create_provider(loaded)
 

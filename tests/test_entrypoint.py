@@ -39,11 +39,12 @@ def _wait_for(proc: subprocess.Popen[str], text: str, timeout: float = 30.0) -> 
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_run_drains_on_signal_and_exits_zero(signum: int) -> None:
+def test_run_drains_on_signal_and_exits_zero(tmp_path: Path, signum: int) -> None:
+    # No provider configured: the default, SQLite, in a file of this test's own.
     proc = subprocess.Popen(
         [sys.executable, "examples/orders.py"],
         cwd=ROOT,
-        env=_env(QUEUE_LOG_LEVEL="INFO"),
+        env=_env(QUEUE_LOG_LEVEL="INFO", QUEUE_SQLITE_PATH=str(tmp_path / "queue.db")),
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
@@ -81,7 +82,8 @@ def test_run_exit_code_after_signals_while_handle_blocks(
     proc = subprocess.Popen(
         [sys.executable, "blocking_actor.py"],
         cwd=tmp_path,
-        env=_env(QUEUE_SHUTDOWN_GRACE_SECONDS=grace),
+        # The in-memory broker, seeded in-process by the script (BLOCKING_ACTOR).
+        env=_env(QUEUE_SHUTDOWN_GRACE_SECONDS=grace, QUEUE_PROVIDER="memory"),
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,

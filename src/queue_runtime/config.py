@@ -262,7 +262,7 @@ class Secret:
 
 
 _NonEmpty = msgspec.Meta(min_length=1)
-Provider = Literal["memory", "aws", "azure"]
+Provider = Literal["sqlite", "memory", "aws", "azure"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 LogFormat = Literal["text", "json"]
 
@@ -343,6 +343,25 @@ class MemorySettings(_Section, frozen=True, kw_only=True):
     max_queue_messages: Annotated[int, msgspec.Meta(ge=1)] = 100_000
 
 
+class SqliteSettings(_Section, frozen=True, kw_only=True):
+    """The SQLite broker (``providers.sqlite``): the default provider, a durable file shared
+    by the processes of one host. ``path`` is relative to the working directory.
+    ``synchronous``: ``NORMAL`` survives a process crash, ``FULL`` also a power loss (an fsync
+    per transaction). ``busy_timeout``: how long a transaction waits for another process's
+    lock. ``lock_duration`` and ``max_delivery_count`` apply to queues the file does not have
+    yet (Service Bus's defaults). ``poll_interval``: the longest a waiting receiver takes to
+    notice another process's send. See ``docs/providers/sqlite.md``."""
+
+    _prefix: ClassVar[str] = "sqlite."
+
+    path: Annotated[str, _NonEmpty] = "queue-runtime.db"
+    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    busy_timeout: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    lock_duration: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    max_delivery_count: Annotated[int, msgspec.Meta(ge=1)] = 10
+    poll_interval: Annotated[float, msgspec.Meta(gt=0, le=10)] = 0.1
+
+
 class TelemetrySettings(_Section, frozen=True, kw_only=True):
     """Where metrics are exposed. ``metrics_port`` None = no Prometheus endpoint.
     ``metrics_host`` = 127.0.0.1: the endpoints (``/metrics``, ``/healthz``, ``/readyz``,
@@ -376,7 +395,7 @@ class Settings(_Section, frozen=True, kw_only=True, dict=True):
     See ``docs/configuration.md`` for every key, its environment variable and its default.
     """
 
-    provider: Provider = "memory"
+    provider: Provider = "sqlite"
     queue: Annotated[str, _NonEmpty] | None = None
     dlq_name: Annotated[str, _NonEmpty] | None = None
     receive_timeout: Annotated[float, msgspec.Meta(ge=0)] = 20.0
@@ -387,6 +406,7 @@ class Settings(_Section, frozen=True, kw_only=True, dict=True):
     aws: AwsSettings = msgspec.field(default_factory=AwsSettings)
     azure: AzureSettings = msgspec.field(default_factory=AzureSettings)
     memory: MemorySettings = msgspec.field(default_factory=MemorySettings)
+    sqlite: SqliteSettings = msgspec.field(default_factory=SqliteSettings)
     telemetry: TelemetrySettings = msgspec.field(default_factory=TelemetrySettings)
     secrets: SecretsSettings = msgspec.field(default_factory=SecretsSettings)
 
@@ -473,7 +493,12 @@ class Settings(_Section, frozen=True, kw_only=True, dict=True):
             raise _with_source(error, self.sources, candidates=_SUPERVISOR_KEYS) from None
 
 
-_SYSTEMS: Final[dict[str, str]] = {"memory": "memory", "aws": "aws_sqs", "azure": "azure_service_bus"}
+_SYSTEMS: Final[dict[str, str]] = {
+    "sqlite": "sqlite",
+    "memory": "memory",
+    "aws": "aws_sqs",
+    "azure": "azure_service_bus",
+}
 
 # Environment variables, in priority order per key (the first one set and non-empty wins).
 # Names from the operations guide and the standard AWS/Azure SDK variables; the other
@@ -506,6 +531,12 @@ ENVIRONMENT: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
         "azure.fully_qualified_namespace": ("SERVICE_BUS_NAMESPACE", "AZURE_SERVICE_BUS_NAMESPACE"),
         "azure.client_id": ("AZURE_CLIENT_ID",),
         "azure.tenant_id": ("AZURE_TENANT_ID",),
+        "sqlite.path": ("QUEUE_SQLITE_PATH",),
+        "sqlite.synchronous": ("QUEUE_SQLITE_SYNCHRONOUS",),
+        "sqlite.busy_timeout": ("QUEUE_SQLITE_BUSY_TIMEOUT_SECONDS",),
+        "sqlite.lock_duration": ("QUEUE_SQLITE_LOCK_DURATION_SECONDS",),
+        "sqlite.max_delivery_count": ("QUEUE_SQLITE_MAX_DELIVERY_COUNT",),
+        "sqlite.poll_interval": ("QUEUE_SQLITE_POLL_INTERVAL_SECONDS",),
         "telemetry.metrics_port": ("QUEUE_METRICS_PORT",),
         "telemetry.metrics_host": ("QUEUE_METRICS_HOST",),
         "secrets.refresh_interval": ("QUEUE_SECRETS_REFRESH_INTERVAL_SECONDS",),
@@ -514,7 +545,7 @@ ENVIRONMENT: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
 CONFIG_FILE_ENV: Final = "QUEUE_CONFIG_FILE"
 _MILLISECONDS: Final = frozenset({"QUEUE_RETRY_BACKOFF_MS"})
 _DISCOVERED_FILES: Final = ("config.toml", "config.yaml", "config.yml")
-_SECTIONS: Final = ("worker", "aws", "azure", "memory", "telemetry", "secrets")
+_SECTIONS: Final = ("worker", "aws", "azure", "memory", "sqlite", "telemetry", "secrets")
 _SUPERVISOR_KEYS: Final = ("queue", "receive_timeout", "worker.")
 
 

@@ -37,10 +37,10 @@ __all__ = [
     "validate_session_id",
 ]
 
-System = Literal["memory", "aws_sqs", "azure_service_bus"]
+System = Literal["memory", "sqlite", "aws_sqs", "azure_service_bus"]
 """The ``messaging.system`` value of a provider."""
 
-SYSTEMS: Final = ("memory", "aws_sqs", "azure_service_bus")
+SYSTEMS: Final = ("memory", "sqlite", "aws_sqs", "azure_service_bus")
 
 #: Session ids: 1-128 printable ASCII characters (Service Bus and our own rule).
 SessionId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[\x20-\x7e]+$")]
@@ -74,8 +74,8 @@ def validate_queue_name(name: object, system: str = "memory") -> str:
     Rules: SQS 1-80 of ``[A-Za-z0-9_-]`` with ``.fifo`` allowed only as the suffix, or a queue
     URL (``https://sqs.REGION.amazonaws.com/ACCOUNT/NAME``, any http(s) endpoint such as a local
     server's) whose last segment is such a name; Service Bus 1-260 of letters, digits,
-    ``. - _ /`` starting and ending with a letter or digit; in-memory 1-260 of letters, digits,
-    ``. - _`` with the same start/end rule.
+    ``. - _ /`` starting and ending with a letter or digit; in-memory and SQLite 1-260 of
+    letters, digits, ``. - _`` with the same start/end rule.
     """
     if not isinstance(name, str):
         raise ValidationError(f"queue name must be a string, got {type(name).__name__}")

@@ -84,7 +84,9 @@ def add_config_flags(parser: argparse.ArgumentParser, *, queue_required: bool = 
     """``--config``, ``--provider``, ``--queue``: the flags every command shares."""
     parser.add_argument("--config", metavar="FILE", help="config.toml / config.yaml (default: ./config.*)")
     parser.add_argument(
-        "--provider", choices=["memory", "aws", "azure"], help="broker (default: QUEUE_PROVIDER or memory)"
+        "--provider",
+        choices=["sqlite", "memory", "aws", "azure"],
+        help="broker (default: QUEUE_PROVIDER, else sqlite at ./queue-runtime.db)",
     )
     parser.add_argument("--queue", "-q", required=queue_required, help="queue name (default: QUEUE_NAME)")
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")

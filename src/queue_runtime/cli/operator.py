@@ -517,7 +517,8 @@ def _cmd_send(args: argparse.Namespace) -> int:
     if settings.provider == "memory" and _override is None:
         print(
             "queue-runtime: note: the memory provider keeps messages inside this process only;"
-            " set QUEUE_PROVIDER (aws, azure) to send to a broker",
+            " leave QUEUE_PROVIDER unset (sqlite, a file shared by the processes of this host) or set it"
+            " to aws or azure to send to a broker",
             file=sys.stderr,
         )
     return 0

@@ -4,6 +4,9 @@
   lock expiry, delivery counts, a broker-side dead-letter queue, TTL, scheduled messages,
   session locks and state, and fault injection. The embedded default: the demo, the tests and
   users' own tests. No extra needed.
+* ``sqlite`` — `providers.sqlite.SqliteProvider`: the same model in a durable SQLite file
+  (stdlib ``sqlite3``) shared by the worker and producer processes of one host. The default
+  when no provider is configured (``./queue-runtime.db``). No extra needed.
 * ``aws`` — `providers.sqs.SqsProvider`: SQS FIFO queues through aiobotocore (httpx backend,
   native on trio); a session is a ``MessageGroupId``. Needs ``queue-runtime[aws]``.
 * ``azure`` — `providers.servicebus.ServiceBusProvider`: Azure Service Bus native sessions
@@ -67,8 +70,12 @@ def create_provider(settings: Settings, *, credentials: CredentialSource | None 
             max_delivery_count=settings.memory.max_delivery_count,
             max_queue_messages=settings.memory.max_queue_messages,
         )
+    if settings.provider == "sqlite":
+        from .sqlite import SqliteProvider
+
+        return SqliteProvider.from_settings(settings)
     if settings.provider not in _CLOUD:
-        valid = ", ".join(repr(name) for name in ("memory", *_CLOUD))
+        valid = ", ".join(repr(name) for name in ("sqlite", "memory", *_CLOUD))
         raise ConfigurationError(f"unknown provider {settings.provider!r}: use one of {valid}")
     module_name, class_name, extra, sdk_modules = _CLOUD[settings.provider]
     try:

@@ -1,7 +1,8 @@
 """The in-memory broker: a faithful model of a peek-lock broker with sessions.
 
-`InMemoryProvider` is the default provider, the demo's and the benchmarks' broker, and the
-test double users run their actors against. It behaves like Service Bus (and, through the
+`InMemoryProvider` is the demo's and the benchmarks' broker, and the test double users run
+their actors against (the default provider when none is configured is its durable twin,
+`providers.sqlite.SqliteProvider`). It behaves like Service Bus (and, through the
 runtime, like SQS FIFO groups): peek-lock with lock expiry, delivery counts, a broker-side
 dead-letter queue after ``max_delivery_count`` deliveries, time-to-live, scheduled messages,
 session locks and session state, and fault injection: calls that fail (`inject_fault`) and
