@@ -287,6 +287,40 @@ async def test_a_message_arriving_while_handlers_run_long_starts_at_once(
             else:
                 await send_jobs(provider, Event(n=1))
             await trio.sleep(1)
-            assert sorted(n for n, _ in starts) == [-i for i in range(running)][::-1] + [1]
+            assert sorted(n for n, _ in starts) == [*range(1 - running, 1), 1]
             assert starts[-1] == (1, pytest.approx(1, abs=0.1))
             supervisor.stop()
+
+
+@pytest.mark.parametrize("own_handled", [False, True])
+async def test_a_telemetry_subclass_with_the_older_message_completed_signature_still_works(
+    autojump_clock: Any, own_handled: bool
+) -> None:
+    """``message_completed(message, *, seconds)`` without ``handled`` (as before issue 15,
+    and as `benchmarks/latency.py` overrides it): the runtime passes ``handled`` only to the
+    method it defines itself, and reports it through ``handled()`` otherwise."""
+    from queue_runtime.message import ReceivedMessage
+    from queue_runtime.telemetry import Telemetry
+
+    completed: list[str] = []
+    handled: list[float] = []
+
+    class Old(Telemetry):
+        def message_completed(self, message: ReceivedMessage, *, seconds: float) -> None:
+            completed.append(message.message_id)
+
+    class OldWithHandled(Old):
+        def handled(self, seconds: float) -> None:
+            handled.append(seconds)
+
+    log = Log()
+    kind = OldWithHandled if own_handled else Old
+    async with InMemoryProvider(lock_duration=60) as provider:
+        ids = await send(provider, "a", Event(n=1), Event(n=2))
+        supervisor = Supervisor(
+            provider, make_actor(log), config(session_idle_timeout=1), telemetry=kind(QUEUE, "memory")
+        )
+        await run_for(supervisor, 5)
+    assert completed == ids
+    assert len(handled) == (2 if own_handled else 0)
+    assert log.stops == [("a", "idle")]

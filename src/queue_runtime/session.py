@@ -285,6 +285,9 @@ class Runtime:
         self.own_settle_span = kind.settle_span is not Telemetry.settle_span
         self.own_message_spans = self.own_process_span or self.own_settle_span
         self.own_handled = kind.handled is not Telemetry.handled
+        # ``message_completed(..., handled=)`` saves a call per message, but only the method
+        # defined here takes ``handled``: an override may have the older signature.
+        self.split_completed = self.own_handled or kind.message_completed is not Telemetry.message_completed
         # The per-message hooks (received, spans, handled, completed) do nothing unless metrics,
         # tracing or message-level logging is on, or a subclass overrides one of them; see
         # `observing`.
@@ -786,9 +789,7 @@ class Session:
                             pool.waking += len(lot.unpark())
                         if received is None:
                             pool.end("shutdown")
-                        elif received:
-                            pool.idle_deadline = rt.now() + pool.idle
-                        elif pool.busy:
+                        elif received or pool.busy:  # not idle while a handler runs
                             pool.idle_deadline = rt.now() + pool.idle
                         elif rt.now() >= pool.idle_deadline:
                             pool.end("idle")
@@ -973,7 +974,7 @@ class Session:
                 await self._settle("complete", lambda: receiver.complete(message), message, error)
             rt.counters.completed += 1
             if not quiet:
-                if rt.own_handled:  # a Telemetry subclass that wants its own `handled` calls
+                if rt.split_completed:  # a Telemetry subclass: `handled` and `message_completed` apart
                     rt.telemetry.handled(handled)
                     rt.telemetry.message_completed(message, seconds=perf_counter() - started)
                 else:
