@@ -157,7 +157,42 @@ def _sqs(d: dict[str, Any]) -> list[str]:
         "",
         f"Client CPU per message, runtime / hand-written: **{cpu:.2f}**;"
         f" API calls per message, runtime / hand-written: **{calls:.2f}**.",
+        *_sqs_latency(d),
     ]
+
+
+def _sqs_latency(d: dict[str, Any]) -> list[str]:
+    rows = [r for r in d.get("latency", []) if r["delay_ms_each_way"] > 0]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "### At network latency",
+        "",
+        "The same tries with `drills/proxy.py` (the fault drills' HTTP proxy, faults off, `--delay`)",
+        "between each consumer and moto: every consumer call waits the delay before it is forwarded",
+        "and again before its answer is; the producer talks to moto directly. Same rounds: every",
+        "latency and both sides once per round.",
+        "",
+        d["latency_table"],
+        "",
+    ]
+    for r in rows:
+        checks = [
+            ("msg/s", r["rate_ratio"], r["rate_ratio"] >= 1.0, ">= 1.0"),
+            ("client CPU/msg", r["cpu_ratio"], r["cpu_ratio"] <= 1.15, "<= 1.15"),
+            ("API calls/msg", r["calls_ratio"], r["calls_ratio"] <= 1.0, "<= 1.0"),
+        ]
+        lines.append(
+            f"- {r['delay_ms_each_way']} ms each way: "
+            + "; ".join(
+                f"{name} {value:.2f}x the hand-written loop"
+                f" (target {target}: {'met' if ok else '**not met**'})"
+                for name, value, ok, target in checks
+            )
+            + "."
+        )
+    return lines
 
 
 def _telemetry(d: dict[str, Any]) -> list[str]:
