@@ -47,6 +47,8 @@ def render(results: Path = RESULTS_DIR) -> str:
         f"- CPU: {m['cpu']}, {m['nproc']} cores (`nproc`); RAM {m['ram_gib']} GiB; {m['platform']}",
         f"- Python {v['python']}, trio {v['trio']}, msgspec {v['msgspec']}, aiobotocore {v['aiobotocore']},"
         f" moto {v['moto']}, opentelemetry-sdk {v['opentelemetry-sdk']}",
+        "- Measured (each section's results file; sections run apart may come from other runs or"
+        " machines): " + ", ".join(f"{name} {d.get('measured_at', '?')}" for name, d in data.items()),
         f"- Sizes in this page: {', '.join(sizes)}. The machine was shared with other jobs while",
         "  measuring, so absolute rates are noisy; ratios come from interleaved tries in one process",
         "  and are the figures to read.",
@@ -285,7 +287,8 @@ def _concurrency(d: dict[str, Any]) -> list[str]:
             f"1 ms handler, c = 16: {io16['msgs_per_s']:,} msg/s, {io16['vs_ideal']:.2f}x the ideal"
             f" {io16['ideal_msgs_per_s']:,} (target >= 0.6x: {'met' if met else '**not met**'}); the CPU"
             f" was busy {io16['cpu_busy']:.0%} of the time ({io16['cpu_us_per_msg']:.1f} us per message),"
-            " so it is not CPU-bound; bare trio with {2 * io16['c']} sleeping tasks reaches"
+            f" so it is {'' if io16['cpu_busy'] >= 0.9 else 'not '}CPU-bound;"
+            f" bare trio with {2 * io16['c']} sleeping tasks reaches"
             f" {io16['sleepers_msgs_per_s']:,} per s, and the runtime {io16['vs_sleepers']:.2f}x that."
         )
     if io16 is not None and io32 is not None:
