@@ -324,3 +324,31 @@ async def test_a_telemetry_subclass_with_the_older_message_completed_signature_s
     assert completed == ids
     assert len(handled) == (2 if own_handled else 0)
     assert log.stops == [("a", "idle")]
+
+
+async def test_a_settlement_failing_for_good_ends_the_session_with_error_after_the_others_return(
+    autojump_clock: Any,
+) -> None:
+    """A provider failure in one slot (a permanent ``complete`` error) ends the session with
+    ``"error"``; the other slot's running ``handle()`` is not cancelled but finishes first,
+    and what was not settled is handed back."""
+    from queue_runtime.errors import AuthenticationFailed
+
+    log = Log()
+    async with InMemoryProvider(lock_duration=60) as provider:
+        await send(provider, "a", Event(n=0, sleep=1), Event(n=1, sleep=3), Event(n=2), Event(n=3))
+        provider.inject_fault("complete", AuthenticationFailed("denied"), times=1)
+        supervisor = Supervisor(provider, make_actor(log), config(per_session_concurrency=2))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.serve)
+            await trio.sleep(2)  # n=0's complete failed at t=1; n=1 runs until t=3
+            assert log.stops == []
+            await trio.sleep(2)
+            assert log.stops[0] == ("a", "error")
+            supervisor.stop()
+    stats = supervisor.stats()
+    # n=1 completed; n=2 and n=3 handed back; n=0 (not completed), 2 and 3 then redelivered
+    # to a new actor of the session and completed.
+    assert (stats.completed, stats.abandoned) == (4, 2)
+    assert log.cancelled == []
+    assert sorted(done_order(log, "a")) == [0, 0, 1, 2, 3]
