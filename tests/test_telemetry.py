@@ -21,6 +21,7 @@ import textwrap
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -1106,3 +1107,37 @@ def test_a_traceparent_in_correlation_id_is_the_producer_context(
     assert process_plain.parent is not None and process_plain.parent.span_id == session.context.span_id
     (completed,) = [r for r in caplog.records if getattr(r, "operation", None) == "complete"]
     assert completed.trace_id == trace_id
+
+
+async def test_a_worker_without_metrics_port_still_reports_depth_to_an_sdk(
+    otel: Otel, queue: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Metrics exported over OTLP only (an SDK meter provider, no ``--metrics-port``): the
+    queue-depth gauges are refreshed too, or the depth alerts could never fire."""
+    from queue_runtime.config import load_settings
+    from queue_runtime.entrypoint import serve_worker
+
+    settings = load_settings(env={}, provider="memory", queue=queue, receive_timeout=1)
+    assert settings.telemetry.metrics_port is None
+    async with InMemoryProvider() as provider:
+        provider.create_queue(queue, requires_session=True)
+        await QueueClient(provider).send_batch(
+            queue, [Message.json({"kind": "ok"}, session_id=f"s{i}") for i in range(3)]
+        )
+
+        async with trio.open_nursery() as nursery:
+            supervisor = await nursery.start(
+                partial(serve_worker, _Stuck, settings, provider=provider, install_signal_handlers=False)
+            )
+            await trio.sleep(1)
+            depth = points(otel, "queue_depth", queue)
+            assert {dict(key)["state"] for key in depth} >= {"active", "in_flight"}, depth
+            supervisor.stop()
+            _Stuck.release.set()
+
+
+class _Stuck(SessionActor[_Event]):
+    release = trio.Event()
+
+    async def handle(self, event: _Event, ctx: MessageContext) -> None:
+        await self.release.wait()
