@@ -1141,3 +1141,34 @@ class _Stuck(SessionActor[_Event]):
 
     async def handle(self, event: _Event, ctx: MessageContext) -> None:
         await self.release.wait()
+
+
+async def test_a_telemetry_subclass_with_the_older_hook_signatures_sees_every_completion(
+    queue: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Subclasses written against ``message_completed(message, *, seconds)`` and
+    ``handled(seconds)`` keep working: the runtime's one-call form is only for the base hooks."""
+    seen: list[str] = []
+    handled: list[float] = []
+
+    class Timed(Telemetry):
+        def message_completed(self, message: ReceivedMessage, *, seconds: float) -> None:
+            seen.append(message.message_id)
+            super().message_completed(message, seconds=seconds)
+
+        def handled(self, seconds: float) -> None:
+            handled.append(seconds)
+
+    messages = [Message.json({"kind": "ok"}, session_id=f"s{i % 2}") for i in range(6)]
+    config = SupervisorConfig(queue=queue, session_idle_timeout=1.0)
+    async with InMemoryProvider() as provider:
+        await QueueClient(provider).send_batch(queue, messages)
+        supervisor = Supervisor(provider, _Actor, config, telemetry=Timed(queue, "memory"))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.serve)
+            with trio.fail_after(30):
+                while supervisor.stats().completed < len(messages):
+                    await trio.sleep(0.1)
+            supervisor.stop()
+    assert sorted(seen) == sorted(m.message_id for m in messages)
+    assert len(handled) == len(messages)
