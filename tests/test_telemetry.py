@@ -1167,3 +1167,26 @@ async def test_a_telemetry_subclass_with_the_older_hook_signature_sees_every_com
                     await trio.sleep(0.1)
             supervisor.stop()
     assert sorted(seen) == sorted(m.message_id for m in messages)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(min_value=0, max_value=100, allow_nan=False), max_size=2000))
+def test_a_bucket_histogram_counts_as_bucketing_each_value_would(values: list[float]) -> None:
+    """The buffered histogram (appends, folded in batches) agrees with bucketing each value
+    on its own: bucket i holds values in (bounds[i-1], bounds[i]]."""
+    from bisect import bisect_left
+
+    from queue_runtime.tally import BucketHistogram
+
+    histogram = BucketHistogram(LATENCY_BUCKETS)
+    expected = [0] * (len(LATENCY_BUCKETS) + 1)
+    for value in values:
+        histogram.record(value)
+        expected[bisect_left(LATENCY_BUCKETS, value)] += 1
+    counts, total, low, high = histogram.snapshot()
+    assert counts == expected
+    assert total == pytest.approx(sum(values))
+    if values:
+        assert (low, high) == (min(values), max(values))
+    else:
+        assert (low, high) == (math.inf, -math.inf)
