@@ -18,7 +18,7 @@ lint:
 
 # Reliability drills (docs/reliability.md): fault drills x10 rounds, then 20,000 simulations.
 drill:
-    uv run --all-extras python -m drills.faults --rounds 10 --json drills/results/faults.json
+    uv run --all-extras python -m drills.faults --rounds 10 --keep failed --json drills/results/faults.json
     uv run --all-extras python -m drills.simulation --examples 20000 --workers 2 --json drills/results/simulation.json
 
 # Benchmarks: full sizes, results to benchmarks/results/ and docs/benchmarks.md.

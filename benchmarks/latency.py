@@ -60,8 +60,9 @@ async def _measure(messages: int) -> None:
             _sent[message.message_id] = time.perf_counter()
             await provider.send(QUEUE, [message])
             await trio.sleep(INTERVAL)
-        while len(_completed) < messages:
-            await trio.sleep(0.01)
+        with trio.fail_after(60 + messages * INTERVAL * 10):  # a runtime that stopped completing
+            while len(_completed) < messages:
+                await trio.sleep(0.01)
         supervisor.stop()
     await provider.aclose()
 

@@ -76,7 +76,8 @@ def start_attention_worker(
     retries back off from 0.3 s, up to 1000 attempts; sessions stay until stopped."""
     (directory / "attention_actor.py").write_text(ATTENTION_ACTOR)
     config = directory / f"worker-{port}.toml"
-    config.write_text(f"[memory]\nlock_duration = {lock_duration}\n")
+    # The in-memory provider explicitly: the broker lives in the worker (the default is sqlite).
+    config.write_text(f'provider = "memory"\n\n[memory]\nlock_duration = {lock_duration}\n')
     return WorkerProcess(
         [
             "attention_actor:Attention",

@@ -319,7 +319,7 @@ def test_worker_exports_spans_and_metrics_over_otlp(
     )
     try:
         line = worker.wait_for("serving /metrics /healthz /readyz on 127.0.0.1:")
-        port = int(re.search(r":(\d+)$", line).group(1))  # type: ignore[union-attr]
+        port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))  # type: ignore[union-attr]
         worker.wait_for(f"accepting sessions on {name}")
         sent = [produce(sqs, url, f"s{i % 2}") for i in range(4)]
         sent.append(produce(sqs, url, "s2", traced=False))

@@ -21,6 +21,7 @@ import textwrap
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -1106,3 +1107,86 @@ def test_a_traceparent_in_correlation_id_is_the_producer_context(
     assert process_plain.parent is not None and process_plain.parent.span_id == session.context.span_id
     (completed,) = [r for r in caplog.records if getattr(r, "operation", None) == "complete"]
     assert completed.trace_id == trace_id
+
+
+async def test_a_worker_without_metrics_port_still_reports_depth_to_an_sdk(
+    otel: Otel, queue: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Metrics exported over OTLP only (an SDK meter provider, no ``--metrics-port``): the
+    queue-depth gauges are refreshed too, or the depth alerts could never fire."""
+    from queue_runtime.config import load_settings
+    from queue_runtime.entrypoint import serve_worker
+
+    settings = load_settings(env={}, provider="memory", queue=queue, receive_timeout=1)
+    assert settings.telemetry.metrics_port is None
+    async with InMemoryProvider() as provider:
+        provider.create_queue(queue, requires_session=True)
+        await QueueClient(provider).send_batch(
+            queue, [Message.json({"kind": "ok"}, session_id=f"s{i}") for i in range(3)]
+        )
+
+        async with trio.open_nursery() as nursery:
+            supervisor = await nursery.start(
+                partial(serve_worker, _Stuck, settings, provider=provider, install_signal_handlers=False)
+            )
+            await trio.sleep(1)
+            depth = points(otel, "queue_depth", queue)
+            assert {dict(key)["state"] for key in depth} >= {"active", "in_flight"}, depth
+            supervisor.stop()
+            _Stuck.release.set()
+
+
+class _Stuck(SessionActor[_Event]):
+    release = trio.Event()
+
+    async def handle(self, event: _Event, ctx: MessageContext) -> None:
+        await self.release.wait()
+
+
+async def test_a_telemetry_subclass_with_the_older_hook_signature_sees_every_completion(
+    queue: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A subclass written against ``message_completed(message, *, seconds)`` keeps working:
+    the runtime's one-call form (``handled=``) is only for the base hooks."""
+    seen: list[str] = []
+
+    class Timed(Telemetry):
+        def message_completed(self, message: ReceivedMessage, *, seconds: float) -> None:
+            seen.append(message.message_id)
+            super().message_completed(message, seconds=seconds)
+
+    messages = [Message.json({"kind": "ok"}, session_id=f"s{i % 2}") for i in range(6)]
+    config = SupervisorConfig(queue=queue, session_idle_timeout=1.0)
+    async with InMemoryProvider() as provider:
+        await QueueClient(provider).send_batch(queue, messages)
+        supervisor = Supervisor(provider, _Actor, config, telemetry=Timed(queue, "memory"))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.serve)
+            with trio.fail_after(30):
+                while supervisor.stats().completed < len(messages):
+                    await trio.sleep(0.1)
+            supervisor.stop()
+    assert sorted(seen) == sorted(m.message_id for m in messages)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(min_value=0, max_value=100, allow_nan=False), max_size=2000))
+def test_a_bucket_histogram_counts_as_bucketing_each_value_would(values: list[float]) -> None:
+    """The buffered histogram (appends, folded in batches) agrees with bucketing each value
+    on its own: bucket i holds values in (bounds[i-1], bounds[i]]."""
+    from bisect import bisect_left
+
+    from queue_runtime.tally import BucketHistogram
+
+    histogram = BucketHistogram(LATENCY_BUCKETS)
+    expected = [0] * (len(LATENCY_BUCKETS) + 1)
+    for value in values:
+        histogram.record(value)
+        expected[bisect_left(LATENCY_BUCKETS, value)] += 1
+    counts, total, low, high = histogram.snapshot()
+    assert counts == expected
+    assert total == pytest.approx(sum(values))
+    if values:
+        assert (low, high) == (min(values), max(values))
+    else:
+        assert (low, high) == (math.inf, -math.inf)

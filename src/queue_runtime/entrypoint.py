@@ -144,8 +144,9 @@ async def serve_worker(
     ``otel`` extra) and ``/metrics``, ``/healthz``, ``/readyz``, ``/sessions`` are served on ``metrics_host``
     (default ``settings.telemetry.metrics_host``, 127.0.0.1) from before the queue is checked
     until the drain ends (``/readyz`` is 200 only while the supervisor accepts work), and the
-    queue-depth gauges are refreshed every ``queue_stats_interval`` seconds. A port that cannot
-    be bound raises `ConfigurationError` before anything is received.
+    queue-depth gauges are refreshed every ``queue_stats_interval`` seconds (also without a port
+    when an SDK meter provider is set, e.g. for OTLP export). A port that cannot be bound raises
+    `ConfigurationError` before anything is received.
 
     Secret references in ``settings`` (``keyvault://``, ``secretsmanager://``) are read before
     the provider is built (a failure stops start-up), then re-read every
@@ -214,10 +215,12 @@ async def serve_worker(
                 supervisor.telemetry.log(
                     logging.WARNING, _no_sessions(config.queue, provider.system), operation="receive"
                 )
-            if metrics_port is not None:
+            from .telemetry import metrics_enabled, refresh_queue_stats
+
+            if metrics_port is not None or metrics_enabled():
                 # After the queue check: a missing queue is one start-up error, not also a
-                # stats warning.
-                from .telemetry import refresh_queue_stats
+                # stats warning. Whoever reads the metrics (/metrics, an OTLP exporter, the
+                # application's own SDK) gets the depth gauges too.
 
                 await nursery.start(
                     partial(

@@ -284,10 +284,11 @@ class Runtime:
         self.own_process_span = kind.process_span is not Telemetry.process_span
         self.own_settle_span = kind.settle_span is not Telemetry.settle_span
         self.own_message_spans = self.own_process_span or self.own_settle_span
-        self.own_handled = kind.handled is not Telemetry.handled
-        # ``message_completed(..., handled=)`` saves a call per message, but only the method
-        # defined here takes ``handled``: an override may have the older signature.
-        self.split_completed = self.own_handled or kind.message_completed is not Telemetry.message_completed
+        # `message_completed(handled=...)` records both durations in one call; a subclass that
+        # overrides either hook (perhaps with the older signature) gets the two calls instead.
+        self.own_handled = (
+            kind.handled is not Telemetry.handled or kind.message_completed is not Telemetry.message_completed
+        )
         # The per-message hooks (received, spans, handled, completed) do nothing unless metrics,
         # tracing or message-level logging is on, or a subclass overrides one of them; see
         # `observing`.
@@ -974,7 +975,7 @@ class Session:
                 await self._settle("complete", lambda: receiver.complete(message), message, error)
             rt.counters.completed += 1
             if not quiet:
-                if rt.split_completed:  # a Telemetry subclass: `handled` and `message_completed` apart
+                if rt.own_handled:  # a Telemetry subclass with its own hooks: the two calls
                     rt.telemetry.handled(handled)
                     rt.telemetry.message_completed(message, seconds=perf_counter() - started)
                 else:

@@ -239,6 +239,16 @@ class _Instruments:
 
     def __init__(self) -> None:
         meter = self.meter = metrics.get_meter(INSTRUMENTATION_NAME)
+        if isinstance(meter, _metrics_api._ProxyMeter):
+            # A meter provider set later turns metrics on at once (the per-message hooks read
+            # `_metrics_on`, a flag, not the provider), and its readers get our histograms.
+            forward_set = meter.on_set_meter_provider
+
+            def on_set_meter_provider(provider: metrics.MeterProvider) -> None:
+                forward_set(provider)
+                metrics_enabled()
+
+            meter.on_set_meter_provider = on_set_meter_provider  # type: ignore[method-assign,assignment]
 
         def counter(name: str, description: str, attribute: str, label: str | None = None) -> None:
             # Unit "1": Prometheus exporters append only "_total" to counters.
@@ -609,7 +619,7 @@ class Telemetry:
         A non-empty batch also makes a ``receive`` span (CONSUMER) covering the last
         ``seconds``, linked to each message's producer context (unless ``span`` is False: the
         caller knows it would be dropped), and a DEBUG line per message."""
-        if _metrics_on or metrics_enabled():
+        if _metrics_on:  # (set as soon as a meter provider is: see `_Instruments`)
             tally = self.tally
             tally.received += len(messages)
             tally.receive_duration.record(seconds)
@@ -650,7 +660,7 @@ class Telemetry:
         """``queue_messages_completed_total`` += 1; ``queue_complete_duration_seconds``; and,
         when ``handled`` is given, the ``handle()`` call's duration as `handled` records it
         (one call per message instead of two)."""
-        if _metrics_on or metrics_enabled():
+        if _metrics_on:
             tally = self.tally
             tally.completed += 1
             tally.complete_duration.record(seconds)
@@ -852,7 +862,7 @@ class Telemetry:
     def handled(self, seconds: float) -> None:
         """Record one ``handle()`` call's duration (what `process_span` records, for callers
         that time the call themselves when tracing is off)."""
-        if _metrics_on or metrics_enabled():
+        if _metrics_on:
             self.tally.process_duration.record(seconds)
 
     def settle_span(self, operation: str, message: ReceivedMessage) -> AbstractContextManager[None]:

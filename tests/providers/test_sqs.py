@@ -376,6 +376,47 @@ async def test_messages_that_lapsed_before_their_answer_arrived_are_dropped(
         await receiver.aclose()
 
 
+async def test_when_message_k_lapsed_on_the_way_the_later_ones_of_its_group_are_not_handed_out(
+    strict_sqs: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A late receive's visibility extension can fail for message k alone (its visibility ran
+    out a moment before the others': SQS times each message on its own). Handing out k+1
+    then breaks the group's order (seen in the slow-network drill): the group must restart
+    from k, so the later messages of the batch are dropped with it."""
+    async with SqsProvider(
+        endpoint_url=strict_sqs, region=REGION, visibility_timeout=None, **CREDENTIALS
+    ) as provider:
+        queue = f"t-{uuid.uuid4().hex[:12]}.fifo"
+        attributes = {"FifoQueue": "true", "VisibilityTimeout": str(VISIBILITY)}
+        await provider._call("create_queue", None, QueueName=queue, Attributes=attributes)
+        await provider.send(queue, group_messages("p", 3))
+        receive_raw = provider._receive_raw
+        late = [True]
+
+        async def late_answer(meta: Any, **kwargs: Any) -> Any:
+            raws = await receive_raw(meta, **kwargs)
+            if raws and late:
+                late.clear()
+                # Message 0's visibility runs out (the others' not yet) while the answer travels.
+                await provider._call(
+                    "change_message_visibility", meta.name, QueueUrl=meta.url,
+                    ReceiptHandle=raws[0]["ReceiptHandle"], VisibilityTimeout=0,
+                )  # fmt: skip
+                await trio.sleep(0.7)  # late: past EXTEND_AFTER, so the batch is extended at once
+            return raws
+
+        monkeypatch.setattr(provider, "_receive_raw", late_answer)
+        receiver = await accept(provider, queue, timeout=10)
+        first, *_ = await receive_all(receiver, 1, timeout=10)
+        assert first.message_id == "p-0", f"handed out {first.message_id} before p-0"
+        await receiver.complete(first)
+        rest = await receive_all(receiver, 2, timeout=10)
+        assert [m.message_id for m in rest] == ["p-1", "p-2"]
+        for message in rest:
+            await receiver.complete(message)
+        await receiver.aclose()
+
+
 async def test_abandoning_k_releases_the_later_messages_of_the_group(
     provider: SqsProvider, make_queue: MakeQueue
 ) -> None:

@@ -25,7 +25,9 @@ The lock
     that waited, or a slow link: more than `EXTEND_AFTER` or a quarter of the visibility
     timeout), that bound would waste much of the lock, so the batch's visibility is extended at
     once with one ``ChangeMessageVisibilityBatch`` and timed from that call; a message SQS no
-    longer holds for us (it lapsed on the way) is dropped, never handed out. SQS accepts a
+    longer holds for us (it lapsed on the way) is dropped, never handed out, and so are the
+    messages after it in its group (SQS times each message on its own, so k can lapse just
+    before k+1: handing out k+1 would break the group's order). SQS accepts a
     delete with a stale receipt without error, so a message whose local deadline has passed is
     a lost lock: it is never completed. A delete SQS refuses, or sends only after the deadline,
     is a lost lock too: the receiver is marked lost (``locked_until`` reads ``-inf``), and its
@@ -770,7 +772,9 @@ class SqsProvider(Provider):
         """`_records` with deadlines SQS cannot have passed before ours: timed from
         ``requested`` (when the receive was sent), or, when the answer came late (see
         `EXTEND_AFTER`), from a visibility change sent at once. Messages that change finds no
-        longer in flight lapsed on the way: they are dropped (SQS delivers them again)."""
+        longer in flight lapsed on the way: they are dropped (SQS delivers them again), and so
+        are the later messages of their group in the batch (made visible again at once), since
+        the group restarts from the lapsed one."""
         vt = self._lock_seconds(meta)
         if not raws or trio.current_time() - requested <= min(EXTEND_AFTER, vt / 4):
             return self._records(meta, raws, requested)
@@ -787,14 +791,24 @@ class SqsProvider(Provider):
             now = trio.current_time()
             return [r for r in live if r.deadline > now], expired
         kept: list[_Record] = []
+        behind: list[_Record] = []  # extended, but after a lapsed message of their group
+        broken: set[str | None] = set()  # groups with a lapsed message in this batch
         for index, record in enumerate(live):
-            if index in failed:
+            if index in failed or record.group in broken:
+                # SQS times each message on its own, so k can lapse a moment before k+1: the
+                # group restarts from k, and nothing after it may be handed out before it.
                 record.state = _State.DONE
+                broken.add(record.group)
+                if index not in failed:
+                    behind.append(record)
                 continue
             record.deadline = extended + vt
             record.received_at = requested
             record.message.locked_until = record.deadline
             kept.append(record)
+        if behind:
+            with contextlib.suppress(QueueError):  # else they reappear when the extension ends
+                await self._change_visibility(meta, behind, [0] * len(behind))
         if failed:
             log.info(
                 "%d messages of a late receive on %s lapsed on the way: SQS will deliver them again",
