@@ -36,13 +36,14 @@ import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import trio
 
 from .actor import DeadLetter, MessageContext, SessionActor, SessionHandle, StopReason, _DeliveredContext
 from .codec import DecodeError
 from .config import SupervisorConfig
+from .counters import Counters
 from .errors import InvalidReceipt, MessageLockLost, QueueError, SessionLockLost, Throttled, Timeout
 from .introspection import SessionSnapshot
 from .message import ReceivedMessage
@@ -50,9 +51,6 @@ from .providers.base import Receiver
 from .redaction import redact
 from .retry import Backoff, CircuitBreaker, call_with_retry
 from .telemetry import Telemetry, observed, tracing_enabled
-
-if TYPE_CHECKING:
-    from .supervisor import Counters
 
 __all__ = ["LockRenewer", "Runtime", "Session"]
 

@@ -27,6 +27,7 @@ import trio
 
 from .actor import SessionActor
 from .config import SupervisorConfig
+from .counters import Counters
 from .errors import ConfigurationError, QueueError
 from .introspection import WorkerSnapshot
 from .providers.base import Provider, QueueInfo
@@ -65,33 +66,6 @@ class SupervisorStats(msgspec.Struct, frozen=True, kw_only=True):
     circuit: str
     """``"closed"``, ``"open"`` or ``"half_open"``."""
     draining: bool
-
-
-class Counters:
-    """Mutable counters shared by the supervisor's sessions (one trio thread: no locks)."""
-
-    __slots__ = (
-        "abandoned",
-        "completed",
-        "dead_lettered",
-        "failed_attempts",
-        "lock_lost",
-        "lock_renewals",
-        "received",
-        "retries",
-        "sessions_started",
-    )
-
-    def __init__(self) -> None:
-        self.sessions_started = 0
-        self.received = 0
-        self.completed = 0
-        self.dead_lettered = 0
-        self.failed_attempts = 0
-        self.retries = 0
-        self.abandoned = 0
-        self.lock_renewals = 0
-        self.lock_lost = 0
 
 
 class Supervisor:
