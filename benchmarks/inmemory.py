@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -103,6 +104,36 @@ def _plan(messages: int, sessions: int) -> list[list[tuple[str, int]]]:
     return [pairs[i : i + BATCH] for i in range(0, messages, BATCH)]
 
 
+async def _drive(
+    provider: InMemoryProvider,
+    supervisor: Supervisor,
+    produce: Callable[[], Awaitable[None]],
+    progress: _Progress,
+    messages: int,
+    start: float,
+    cpu_start: float,
+) -> float:
+    """Serve ``supervisor`` while ``produce`` sends; seconds from ``start`` to the last
+    completion (CPU time to `last_cpu_seconds`). Raises if any message went wrong."""
+    global last_cpu_seconds
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.serve)
+        nursery.start_soon(produce)
+        await progress.done.wait()
+        # The last handle() has returned; its completion follows in the same task step (a
+        # settlement does not yield), so this loop normally does not turn.
+        while supervisor.stats().completed < messages:
+            await trio.lowlevel.checkpoint()
+        elapsed = time.perf_counter() - start
+        last_cpu_seconds = time.process_time() - cpu_start
+        supervisor.stop()
+    stats = supervisor.stats()
+    if stats.completed != messages or stats.dead_lettered or stats.failed_attempts:
+        raise RuntimeError(f"runtime try went wrong: {stats}")
+    await provider.aclose()
+    return elapsed
+
+
 async def _runtime(
     sessions: int, messages: int, per_session_concurrency: int, kind: str, config_extra: dict[str, Any]
 ) -> float:
@@ -125,23 +156,7 @@ async def _runtime(
         for batch in plan:
             await provider.send(QUEUE, [Message(body_for(i), session_id=sid) for sid, i in batch])
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(supervisor.serve)
-        nursery.start_soon(produce)
-        await progress.done.wait()
-        # The last handle() has returned; its completion follows in the same task step (a
-        # settlement does not yield), so this loop normally does not turn.
-        while supervisor.stats().completed < messages:
-            await trio.lowlevel.checkpoint()
-        elapsed = time.perf_counter() - start
-        global last_cpu_seconds
-        last_cpu_seconds = time.process_time() - cpu_start
-        supervisor.stop()
-    stats = supervisor.stats()
-    if stats.completed != messages or stats.dead_lettered or stats.failed_attempts:
-        raise RuntimeError(f"runtime try went wrong: {stats}")
-    await provider.aclose()
-    return elapsed
+    return await _drive(provider, supervisor, produce, progress, messages, start, cpu_start)
 
 
 async def _baseline(sessions: int, messages: int, kind: str) -> float:
@@ -227,21 +242,7 @@ async def _queue_runtime(messages: int, slots: int, kind: str) -> float:
         for i in range(0, messages, BATCH):
             await provider.send(JOBS, [Message(body_for(j)) for j in range(i, min(i + BATCH, messages))])
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(supervisor.serve)
-        nursery.start_soon(produce)
-        await progress.done.wait()
-        while supervisor.stats().completed < messages:
-            await trio.lowlevel.checkpoint()
-        elapsed = time.perf_counter() - start
-        global last_cpu_seconds
-        last_cpu_seconds = time.process_time() - cpu_start
-        supervisor.stop()
-    stats = supervisor.stats()
-    if stats.completed != messages or stats.dead_lettered or stats.failed_attempts:
-        raise RuntimeError(f"runtime try went wrong: {stats}")
-    await provider.aclose()
-    return elapsed
+    return await _drive(provider, supervisor, produce, progress, messages, start, cpu_start)
 
 
 async def _queue_baseline(messages: int, slots: int, kind: str) -> float:
