@@ -50,7 +50,7 @@ from .message import ReceivedMessage
 from .providers.base import Receiver
 from .redaction import redact
 from .retry import Backoff, CircuitBreaker, call_with_retry
-from .telemetry import Telemetry, observed, tracing_enabled
+from .telemetry import Telemetry, observed, timed, tracing_enabled
 
 __all__ = ["LockRenewer", "Runtime", "Session"]
 
@@ -303,6 +303,10 @@ class Runtime:
         #: Turns True as soon as a meter or tracer provider is set or message logging enabled.
         #: (`telemetry.observed` itself unless a subclass overrides a hook: one call less.)
         self.observing: Callable[[], bool] = _always if self.own_message_hooks else observed
+        #: Whether a message's counts and durations would be seen now (metrics, message logs):
+        #: asked per receive while `observing`; untraced messages skip their clock reads and
+        #: hooks otherwise.
+        self.timing: Callable[[], bool] = _always if self.own_message_hooks else timed
         self.counters = counters
         self.renewer = renewer
         self.breaker = breaker
@@ -409,11 +413,13 @@ class Session:
         self._renew_bound = self._renew_now
         self._dead_letter_bound = self._dead_letter
         self._quiet = False  # `not Runtime.observing()`, as of the last receive
+        self._timed = True  # `Runtime.timing()` (counts and durations wanted), as of then too
         #: Whether spans under the session span are all dropped (tracing off, or the session
         #: span unsampled under a parent-based sampler): then only messages that carry their
         #: own trace context get spans. Set when the session span opens.
         self._children_dropped = False
         self._spans_on = False
+        self._receive_spans = False  # receives get spans: tracing on, the session span sampled
         self._lost: BaseException | None = None
         self._message_locks: dict[str, _MessageLock] = {}
         self.stop_reason: StopReason | None = None
@@ -508,6 +514,7 @@ class Session:
         with telemetry.session_span(self.session_id):
             self._spans_on = rt.own_message_spans or tracing_enabled()
             self._children_dropped = not rt.own_message_spans and telemetry.children_dropped()
+            self._receive_spans = self._spans_on and not self._children_dropped
             try:
                 rt.sessions.add(self)
                 rt.counters.sessions_started += 1
@@ -678,22 +685,11 @@ class Session:
                         finally:
                             self._phase = _BUSY
                         self._receive_backoff = None
+                        self._took(received, started)
                         if not received:
-                            if rt.observing():  # an empty long poll is a receive call too
-                                self._received(received, now() - started)
                             started = now()
                             continue  # the next turn ends the session if it is idle
-                        self._quiet = quiet = not rt.observing()
-                        if not quiet:
-                            self._received(received, now() - started)
-                        rt.counters.received += len(received)
-                        self.received += len(received)
-                        mailbox.extend(received)
                         del received  # not kept alive while the session waits (less for the GC)
-                        until = receiver.locked_until
-                        if until != self._tracked_until or self.renew_generation != self._tracked_generation:
-                            rt.renewer.track(self)  # see `_receive`
-                            self._tracked_generation, self._tracked_until = self.renew_generation, until
                     if not await self._process(actor, mailbox.popleft(), self):
                         return "shutdown"
                     if not mailbox:  # only a receive reads them: no clock read per prefetched message
@@ -847,31 +843,44 @@ class Session:
                         self._end_wait(scope)
             if scope.cancelled_caught:
                 return None
-            if not received and rt.observing():  # an empty long poll is a receive call too
-                self._received(received, rt.now() - started)
-            if received:
-                self._quiet = quiet = not rt.observing()
-                if not quiet:
-                    self._received(received, rt.now() - started)
-                rt.counters.received += len(received)
-                self.received += len(received)
-                self._mailbox.extend(received)
-                if self.session_id is None:
-                    for message in received:
-                        lock = _MessageLock(self, message)
-                        self._message_locks[message.receipt] = lock
-                        rt.renewer.track(lock)
-                elif (
-                    self.receiver.locked_until != self._tracked_until
-                    or self.renew_generation != self._tracked_generation
-                ):
-                    # Re-schedule renewal only when the lock deadline moved (or renewal was
-                    # re-scheduled elsewhere): the current entry is still right otherwise, and
-                    # a push per receive filled the heap with stale entries.
-                    rt.renewer.track(self)
-                    self._tracked_generation = self.renew_generation
-                    self._tracked_until = self.receiver.locked_until
+            self._took(received, started)
             return received
+
+    def _took(self, received: list[ReceivedMessage], started: float) -> None:
+        """After a receive that began at ``started``: report it (an empty long poll is a
+        receive call too), put the messages in the mailbox, count them and keep their locks
+        renewed. The one copy of this for both loops."""
+        rt = self.runtime
+        if not received:
+            if rt.observing():
+                self._received(received, rt.now() - started)
+            return
+        self._quiet = quiet = not rt.observing()
+        if quiet:
+            self._timed = False
+        else:
+            # Tracing alone needs no counts or durations: a message's spans time themselves.
+            self._timed = timed = rt.timing()
+            if timed or self._receive_spans or rt.own_message_hooks:
+                self._received(received, rt.now() - started)
+        rt.counters.received += len(received)
+        self.received += len(received)
+        self._mailbox.extend(received)
+        if self.session_id is None:
+            for message in received:
+                lock = _MessageLock(self, message)
+                self._message_locks[message.receipt] = lock
+                rt.renewer.track(lock)
+        elif (
+            self.receiver.locked_until != self._tracked_until
+            or self.renew_generation != self._tracked_generation
+        ):
+            # Re-schedule renewal only when the lock deadline moved (or renewal was re-scheduled
+            # elsewhere): the current entry is still right otherwise, and a push per receive
+            # filled the heap with stale entries.
+            rt.renewer.track(self)
+            self._tracked_generation = self.renew_generation
+            self._tracked_until = self.receiver.locked_until
 
     def _may_receive_again(self, error: QueueError) -> bool:
         """Whether receiving again on this receiver after ``error`` keeps the session's order.
@@ -924,8 +933,7 @@ class Session:
         attempt did other than return, goes on in `_process_fully`.
         """
         rt = self.runtime
-        quiet = self._quiet
-        if slot._working is None or rt.stopping or (not quiet and self._traced(message)):
+        if slot._working is None or rt.stopping or (self._spans_on and self._traced(message)):
             return await self._process_fully(actor, message, slot)
         limit = rt.config.max_delivery_count
         if limit is not None and message.delivery_count > limit:
@@ -944,7 +952,9 @@ class Session:
         slot._busy_since = now
         slot._phase = _WORKING  # what `slot._working` marks (see stop()), without its calls
         failure: Exception | None = None
-        started = 0.0 if quiet else perf_counter()  # durations for the metrics (no trio clock)
+        # Untraced here: only counts and durations (metrics, message logs) may be wanted.
+        timed = self._timed
+        started = perf_counter() if timed else 0.0  # durations for the metrics (no trio clock)
         handled = 0.0
         try:
             await actor.handle(body, context)
@@ -955,14 +965,14 @@ class Session:
         finally:
             slot._phase = _BUSY
             slot._busy_since = None
-            if not quiet:
+            if timed:
                 ended = perf_counter()
                 started, handled = ended, ended - started  # `started`: of the complete call now
             if self.runtime.stopping and slot._loop_scope is not None:
                 # stop() came while handle() ran: settling must not be cut short.
                 slot._loop_scope.deadline = math.inf
         if failure is not None:  # DeadLetter, or an error to retry
-            if not quiet:
+            if timed:
                 rt.telemetry.handled(handled)
             return await self._process_fully(actor, message, slot, first=(body, context, failure))
         if not context.settled:
@@ -972,25 +982,26 @@ class Session:
                 receiver = self.receiver
                 await self._settle("complete", lambda: receiver.complete(message), message, error)
             rt.counters.completed += 1
-            if not quiet:
+            if timed:
                 if rt.own_handled:  # a Telemetry subclass with its own hooks: the two calls
                     rt.telemetry.handled(handled)
                     rt.telemetry.message_completed(message, seconds=perf_counter() - started)
                 else:
                     rt.telemetry.message_completed(message, seconds=perf_counter() - started, handled=handled)
-        elif not quiet:
+        elif timed:
             rt.telemetry.handled(handled)
         slot._current = None
         return True
 
     def _received(self, received: list[ReceivedMessage], seconds: float) -> None:
-        """Report a receive call (asked only while observing). Under an unsampled session span
-        the receive span would be dropped: say so, which spares the sampling question."""
+        """Report a receive call (asked only while observing). With tracing off when the
+        session started, or under an unsampled session span, there is no receive span to make:
+        say so, which spares the tracing and sampling questions."""
         rt = self.runtime
-        if self._children_dropped and not rt.own_message_hooks:
-            rt.telemetry.messages_received(received, seconds=seconds, span=False)
-        else:
+        if rt.own_message_hooks:  # a subclass's hook, perhaps without ``span``
             rt.telemetry.messages_received(received, seconds=seconds)
+        else:
+            rt.telemetry.messages_received(received, seconds=seconds, span=self._receive_spans)
 
     def _traced(self, message: ReceivedMessage) -> bool:
         """Whether ``message`` gets spans (asked only while observing): a Telemetry subclass
