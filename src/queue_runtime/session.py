@@ -71,6 +71,8 @@ SETTLE_ATTEMPTS = 6
 LOCK_MARGIN_MAX = 2.0
 #: ... and at most this fraction of the lock duration, so short locks keep most of their time.
 LOCK_MARGIN_FRACTION = 0.2
+#: The renewal heap's least size at which stale entries are dropped (`LockRenewer._push`).
+COMPACT_MIN = 256
 
 
 def lock_margin(lock_duration: float | None) -> float:
@@ -176,6 +178,10 @@ class LockRenewer:
         self._wake = trio.Event()
         self._next_wake = math.inf
         self._limiter = trio.CapacityLimiter(concurrency)
+        # Stale entries are skipped when they come due, a lock duration later: until then they
+        # would keep ended sessions alive. The heap is rebuilt without them when it has grown
+        # to this size (twice its size after the last rebuild: amortised O(1) per push).
+        self._compact_at = COMPACT_MIN
 
     def track(self, holder: LockHolder) -> None:
         """(Re)schedule ``holder``'s renewal and expiry from its current ``locked_until``."""
@@ -193,7 +199,12 @@ class LockRenewer:
         holder.renew_generation += 1
 
     def _push(self, due: float, holder: LockHolder, kind: int) -> None:
-        heapq.heappush(self._heap, (due, next(self._sequence), holder, holder.renew_generation, kind))
+        heap = self._heap
+        if len(heap) >= self._compact_at:
+            heap[:] = [entry for entry in heap if entry[2].renew_generation == entry[3]]
+            heapq.heapify(heap)
+            self._compact_at = max(COMPACT_MIN, 2 * len(heap))
+        heapq.heappush(heap, (due, next(self._sequence), holder, holder.renew_generation, kind))
         if due < self._next_wake:
             self._wake.set()
 
