@@ -418,9 +418,6 @@ class Session:
         self._tracked_generation = -1
         self._tracked_until: float | None = None
         self._receive_backoff: Backoff | None = None  # while receives fail in a row
-        # Every MessageContext gets these: bound once per session, not per message.
-        self._renew_bound = self._renew_now
-        self._dead_letter_bound = self._dead_letter
         self._quiet = False  # `not Runtime.observing()`, as of the last receive
         #: Whether spans under the session span are all dropped (tracing off, or the session
         #: span unsampled under a parent-based sampler): then only messages that carry their
@@ -952,7 +949,7 @@ class Session:
         until = self.receiver.locked_until
         if until is not None and until - rt.lock_margin <= now:
             raise _LockLost(self._too_late(until))
-        context = _DeliveredContext(message, 1, self._dead_letter_bound, self._renew_bound)
+        context = _DeliveredContext(message, 1, self)
         slot._current = message
         slot._busy_since = now
         slot._phase = _WORKING  # what `slot._working` marks (see stop()), without its calls
@@ -1080,7 +1077,7 @@ class Session:
                         until = receiver.locked_until
                         if until is not None and until - rt.lock_margin <= now:
                             raise _LockLost(self._too_late(until))
-                    context = _DeliveredContext(message, attempt, self._dead_letter_bound, self._renew_bound)
+                    context = _DeliveredContext(message, attempt, self)
                     self.attempt = attempt
                     slot._busy_since = now
                     if lock is not None:
