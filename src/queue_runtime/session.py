@@ -401,8 +401,10 @@ class Session:
         self.retry_at: float | None = None  # while in a retry backoff: when the next attempt is due
         self._mailbox: deque[ReceivedMessage] = deque()
         self._lock_scope = trio.CancelScope()
-        self._wait_scopes: set[trio.CancelScope] = set()
-        self._work_scopes: set[trio.CancelScope] = set()
+        # Per-call scopes of the slower paths, for `stop`: sets made on first use, as most
+        # sessions never need one.
+        self._wait_scopes: set[trio.CancelScope] | None = None
+        self._work_scopes: set[trio.CancelScope] | None = None
         # The ordered loop of a session runs in one cancel scope rather than a scope per
         # receive and per handle() (those were a quarter of the CPU per message); `_phase`
         # says what it is doing and `_current` which message it is on.
@@ -470,9 +472,9 @@ class Session:
     def stop(self) -> None:
         """Graceful stop: stop waiting (for messages or a retry backoff) and let running
         ``handle()`` calls finish until the grace deadline."""
-        for scope in self._wait_scopes:
+        for scope in self._wait_scopes or ():
             scope.cancel()
-        for scope in self._work_scopes:
+        for scope in self._work_scopes or ():
             scope.deadline = self.runtime.grace_deadline
         _interrupt(self)
         for slot in self._slots or ():
@@ -619,15 +621,12 @@ class Session:
             return True
         if previous._ended is None:
             previous._ended = trio.Event()
-        scope = trio.CancelScope()
-        self._wait_scopes.add(scope)
-        if self.runtime.stopping:
-            scope.cancel()
+        scope = self._add_wait_scope()
         try:
             with scope:
                 await previous._ended.wait()
         finally:
-            self._wait_scopes.discard(scope)
+            self._end_wait(scope)
         return not scope.cancelled_caught
 
     def _concurrency(self) -> int:
@@ -912,14 +911,20 @@ class Session:
             if self.runtime.stopping:
                 return None
             return slot._waiting
+        scope = self._add_wait_scope()
+        return scope
+
+    def _add_wait_scope(self) -> trio.CancelScope:
         scope = trio.CancelScope()
+        if self._wait_scopes is None:
+            self._wait_scopes = set()
         self._wait_scopes.add(scope)
         if self.runtime.stopping:
             scope.cancel()
         return scope
 
     def _end_wait(self, scope: trio.CancelScope | _Phase) -> None:
-        if isinstance(scope, trio.CancelScope):
+        if isinstance(scope, trio.CancelScope) and self._wait_scopes is not None:
             self._wait_scopes.discard(scope)
 
     # -- one message -------------------------------------------------------------------------
@@ -1086,6 +1091,8 @@ class Session:
                         work = slot._working  # the loop's scope stands in (see stop())
                     else:
                         work = trio.CancelScope(deadline=rt.grace_deadline)
+                        if self._work_scopes is None:
+                            self._work_scopes = set()
                         self._work_scopes.add(work)
                         if lock is not None:
                             lock.scope = work
@@ -1112,7 +1119,7 @@ class Session:
                         except Exception as error:
                             failure = error
                         finally:
-                            if isinstance(work, trio.CancelScope):
+                            if isinstance(work, trio.CancelScope) and self._work_scopes is not None:
                                 self._work_scopes.discard(work)
                             slot._busy_since = None
                             if lock is not None:
