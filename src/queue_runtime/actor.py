@@ -21,6 +21,7 @@ from .redaction import redact
 
 if TYPE_CHECKING:
     from .message import ReceivedMessage
+    from .providers.base import Receiver
 
 __all__ = ["DeadLetter", "MessageContext", "SessionActor", "SessionHandle", "StopReason"]
 
@@ -86,6 +87,23 @@ class SessionHandle:
 
     def __repr__(self) -> str:
         return f"SessionHandle(session_id={self.session_id!r})"
+
+
+class _ReceiverHandle(SessionHandle):
+    """The runtime's `SessionHandle`: calls its receiver's methods when asked, instead of
+    keeping two bound methods (two more objects per live session for the garbage collector)."""
+
+    __slots__ = ("_receiver",)
+
+    def __init__(self, session_id: str, receiver: Receiver) -> None:
+        self.session_id = session_id
+        self._receiver = receiver
+
+    async def get_state(self) -> bytes | None:
+        return await self._receiver.get_state()
+
+    async def set_state(self, state: bytes | None) -> None:
+        await self._receiver.set_state(state)
 
 
 class MessageContext:

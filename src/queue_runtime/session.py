@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from .actor import DeadLetter, MessageContext, SessionActor, SessionHandle, StopReason, _DeliveredContext
+from .actor import DeadLetter, MessageContext, SessionActor, StopReason, _DeliveredContext, _ReceiverHandle
 from .codec import DecodeError
 from .config import SupervisorConfig
 from .errors import InvalidReceipt, MessageLockLost, QueueError, SessionLockLost, Throttled, Timeout
@@ -534,9 +534,7 @@ class Session:
                         actor = rt.actor_class()
                         if self.session_id is not None:
                             actor.session_id = self.session_id
-                            actor.session = SessionHandle(
-                                self.session_id, self.receiver.get_state, self.receiver.set_state
-                            )
+                            actor.session = _ReceiverHandle(self.session_id, self.receiver)
                         if rt.calls_on_start:
                             await actor.on_start()
                         # (Dispatched here, not in a helper: every await level is paid again at
