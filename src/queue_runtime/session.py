@@ -409,8 +409,10 @@ class Session:
         # receive and per handle() (those were a quarter of the CPU per message); `_phase`
         # says what it is doing and `_current` which message it is on.
         self._loop_scope: trio.CancelScope | None = None
-        self._waiting: _Phase | None = None  # reusable markers, made with the loop's scope
-        self._working: _Phase | None = None
+        # Whether the loop's scope stands in for a wait's / a handle()'s own scope (a `_Phase`
+        # marks it then, made by the slower paths that need one).
+        self._waiting = False
+        self._working = False
         self._phase = _BUSY
         self._current: ReceivedMessage | None = None
         # The handler slots of a concurrent session (`_concurrent_loop`), each with the fields
@@ -654,8 +656,7 @@ class Session:
         now = rt.now
         with trio.CancelScope() as scope:
             self._loop_scope = scope
-            self._waiting = _Phase(self, _WAITING)
-            self._working = _Phase(self, _WORKING)
+            self._waiting = self._working = True
             try:
                 # `_receive`'s common path written in: this loop turns once per message, and
                 # each await level it saves is paid at every wait and wake-up of the session
@@ -707,7 +708,8 @@ class Session:
                         started = now()
                         idle_deadline = started + idle
             finally:
-                self._loop_scope = self._waiting = self._working = None
+                self._loop_scope = None
+                self._waiting = self._working = False
                 self._phase = _BUSY
         # Reached only when stop() cancelled the scope: a wait or a handle() was interrupted.
         message, self._current = self._current, None
@@ -749,9 +751,9 @@ class Session:
         max_messages = concurrency + rt.config.prefetch
         with trio.CancelScope() as scope:
             slot._loop_scope = scope
-            slot._waiting = _Phase(slot, _WAITING)
+            slot._waiting = True
             if self.session_id is not None:
-                slot._working = _Phase(slot, _WORKING)
+                slot._working = True
             # else: each message has its own lock and its own scope (`_process_fully`).
             try:
                 while pool.reason is None:
@@ -806,7 +808,8 @@ class Session:
                 pool.fail(failed)
                 return
             finally:
-                slot._loop_scope = slot._waiting = slot._working = None
+                slot._loop_scope = None
+                slot._waiting = slot._working = False
                 slot._phase = _BUSY
         if not scope.cancelled_caught:
             return
@@ -850,8 +853,7 @@ class Session:
                     await trio.sleep(backoff.next_delay())
                     continue
                 finally:
-                    if scope is not slot._waiting:
-                        self._end_wait(scope)
+                    self._end_wait(scope)
             if scope.cancelled_caught:
                 return None
             if not received and rt.observing():  # an empty long poll is a receive call too
@@ -905,10 +907,10 @@ class Session:
 
     def _wait_scope(self, slot: Session | _Slot) -> trio.CancelScope | _Phase | None:
         """Where a wait of ``slot`` runs; None when a stop request already came (do not wait)."""
-        if slot._waiting is not None:
+        if slot._waiting:
             if self.runtime.stopping:
                 return None
-            return slot._waiting
+            return _Phase(slot, _WAITING)
         scope = self._add_wait_scope()
         return scope
 
@@ -938,7 +940,7 @@ class Session:
         """
         rt = self.runtime
         quiet = self._quiet
-        if slot._working is None or rt.stopping or (not quiet and self._traced(message)):
+        if not slot._working or rt.stopping or (not quiet and self._traced(message)):
             return await self._process_fully(actor, message, slot)
         limit = rt.config.max_delivery_count
         if limit is not None and message.delivery_count > limit:
@@ -1085,8 +1087,8 @@ class Session:
                     slot._busy_since = now
                     if lock is not None:
                         lock.busy_since = now
-                    if slot._working is not None:
-                        work = slot._working  # the loop's scope stands in (see stop())
+                    if slot._working:
+                        work = _Phase(slot, _WORKING)  # the loop's scope stands in (see stop())
                     else:
                         work = trio.CancelScope(deadline=rt.grace_deadline)
                         if self._work_scopes is None:
@@ -1318,8 +1320,8 @@ class _Slot:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self._loop_scope: trio.CancelScope | None = None
-        self._waiting: _Phase | None = None
-        self._working: _Phase | None = None
+        self._waiting = False
+        self._working = False
         self._phase = _BUSY
         self._current: ReceivedMessage | None = None
         self._busy_since: float | None = None
