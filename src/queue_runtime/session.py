@@ -528,6 +528,9 @@ class Session:
                 telemetry.session_accepted(self.session_id)
                 with self._lock_scope:
                     rt.renewer.track(self)
+                    # (What the first receive compares with: it re-tracks only if this changed.)
+                    self._tracked_generation = self.renew_generation
+                    self._tracked_until = self.receiver.locked_until
                     try:
                         previous, self._previous = self._previous, None
                         if previous is not None and not await self._outlive(previous):
@@ -575,7 +578,7 @@ class Session:
                     # Each clean-up step has its own bound and runs whatever happened to the one
                     # before: a hand-back stuck on a stalled broker must not skip on_stop, nor the
                     # close that releases the session.
-                    if self._lost is None and not cancelled:
+                    if self._lost is None and not cancelled and self._mailbox:
                         with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT):
                             await self._hand_back()
                     if actor is not None and rt.calls_on_stop:
