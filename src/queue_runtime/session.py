@@ -378,6 +378,45 @@ class _MessageLock:
 class Session:
     """Runs one actor over one receiver; see the module docstring for the guarantees."""
 
+    # (No per-instance dict: one object less per live session for the garbage collector.)
+    __slots__ = (
+        "_busy_since",
+        "_children_dropped",
+        "_current",
+        "_ended",
+        "_finished",
+        "_lock_scope",
+        "_loop_scope",
+        "_lost",
+        "_mailbox",
+        "_message_locks",
+        "_on_exit",
+        "_phase",
+        "_previous",
+        "_quiet",
+        "_receive_backoff",
+        "_slots",
+        "_spans_on",
+        "_tracked_generation",
+        "_tracked_until",
+        "_wait_scopes",
+        "_waiting",
+        "_work_scopes",
+        "_working",
+        "attempt",
+        "failures",
+        "last_error",
+        "received",
+        "receiver",
+        "renew_generation",
+        "renewals",
+        "retry_at",
+        "runtime",
+        "session_id",
+        "started_at",
+        "stop_reason",
+    )
+
     def __init__(
         self, runtime: Runtime, receiver: Receiver, on_exit: Callable[[], object] | None = None
     ) -> None:
