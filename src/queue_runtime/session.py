@@ -40,7 +40,7 @@ from typing import Any, Protocol
 
 import trio
 
-from .actor import DeadLetter, MessageContext, SessionActor, SessionHandle, StopReason, _DeliveredContext
+from .actor import DeadLetter, MessageContext, SessionActor, StopReason, _DeliveredContext, _ReceiverHandle
 from .codec import DecodeError
 from .config import SupervisorConfig
 from .counters import Counters
@@ -69,6 +69,8 @@ SETTLE_ATTEMPTS = 6
 LOCK_MARGIN_MAX = 2.0
 #: ... and at most this fraction of the lock duration, so short locks keep most of their time.
 LOCK_MARGIN_FRACTION = 0.2
+#: The renewal heap's least size at which stale entries are dropped (`LockRenewer._push`).
+COMPACT_MIN = 256
 
 
 def lock_margin(lock_duration: float | None) -> float:
@@ -174,6 +176,10 @@ class LockRenewer:
         self._wake = trio.Event()
         self._next_wake = math.inf
         self._limiter = trio.CapacityLimiter(concurrency)
+        # Stale entries are skipped when they come due, a lock duration later: until then they
+        # would keep ended sessions alive. The heap is rebuilt without them when it has grown
+        # to this size (twice its size after the last rebuild: amortised O(1) per push).
+        self._compact_at = COMPACT_MIN
 
     def track(self, holder: LockHolder) -> None:
         """(Re)schedule ``holder``'s renewal and expiry from its current ``locked_until``."""
@@ -191,7 +197,12 @@ class LockRenewer:
         holder.renew_generation += 1
 
     def _push(self, due: float, holder: LockHolder, kind: int) -> None:
-        heapq.heappush(self._heap, (due, next(self._sequence), holder, holder.renew_generation, kind))
+        heap = self._heap
+        if len(heap) >= self._compact_at:
+            heap[:] = [entry for entry in heap if entry[2].renew_generation == entry[3]]
+            heapq.heapify(heap)
+            self._compact_at = max(COMPACT_MIN, 2 * len(heap))
+        heapq.heappush(heap, (due, next(self._sequence), holder, holder.renew_generation, kind))
         if due < self._next_wake:
             self._wake.set()
 
@@ -369,6 +380,47 @@ class _MessageLock:
 class Session:
     """Runs one actor over one receiver; see the module docstring for the guarantees."""
 
+    # (No per-instance dict: one object less per live session for the garbage collector.)
+    __slots__ = (
+        "_busy_since",
+        "_children_dropped",
+        "_current",
+        "_ended",
+        "_finished",
+        "_lock_scope",
+        "_loop_scope",
+        "_lost",
+        "_mailbox",
+        "_message_locks",
+        "_on_exit",
+        "_phase",
+        "_previous",
+        "_quiet",
+        "_receive_backoff",
+        "_receive_spans",
+        "_slots",
+        "_spans_on",
+        "_timed",
+        "_tracked_generation",
+        "_tracked_until",
+        "_wait_scopes",
+        "_waiting",
+        "_work_scopes",
+        "_working",
+        "attempt",
+        "failures",
+        "last_error",
+        "received",
+        "receiver",
+        "renew_generation",
+        "renewals",
+        "retry_at",
+        "runtime",
+        "session_id",
+        "started_at",
+        "stop_reason",
+    )
+
     def __init__(
         self, runtime: Runtime, receiver: Receiver, on_exit: Callable[[], object] | None = None
     ) -> None:
@@ -392,14 +444,18 @@ class Session:
         self.retry_at: float | None = None  # while in a retry backoff: when the next attempt is due
         self._mailbox: deque[ReceivedMessage] = deque()
         self._lock_scope = trio.CancelScope()
-        self._wait_scopes: set[trio.CancelScope] = set()
-        self._work_scopes: set[trio.CancelScope] = set()
+        # Per-call scopes of the slower paths, for `stop`: sets made on first use, as most
+        # sessions never need one.
+        self._wait_scopes: set[trio.CancelScope] | None = None
+        self._work_scopes: set[trio.CancelScope] | None = None
         # The ordered loop of a session runs in one cancel scope rather than a scope per
         # receive and per handle() (those were a quarter of the CPU per message); `_phase`
         # says what it is doing and `_current` which message it is on.
         self._loop_scope: trio.CancelScope | None = None
-        self._waiting: _Phase | None = None  # reusable markers, made with the loop's scope
-        self._working: _Phase | None = None
+        # Whether the loop's scope stands in for a wait's / a handle()'s own scope (a `_Phase`
+        # marks it then, made by the slower paths that need one).
+        self._waiting = False
+        self._working = False
         self._phase = _BUSY
         self._current: ReceivedMessage | None = None
         # The handler slots of a concurrent session (`_concurrent_loop`), each with the fields
@@ -409,9 +465,6 @@ class Session:
         self._tracked_generation = -1
         self._tracked_until: float | None = None
         self._receive_backoff: Backoff | None = None  # while receives fail in a row
-        # Every MessageContext gets these: bound once per session, not per message.
-        self._renew_bound = self._renew_now
-        self._dead_letter_bound = self._dead_letter
         self._quiet = False  # `not Runtime.observing()`, as of the last receive
         self._timed = True  # `Runtime.timing()` (counts and durations wanted), as of then too
         #: Whether spans under the session span are all dropped (tracing off, or the session
@@ -466,9 +519,9 @@ class Session:
     def stop(self) -> None:
         """Graceful stop: stop waiting (for messages or a retry backoff) and let running
         ``handle()`` calls finish until the grace deadline."""
-        for scope in self._wait_scopes:
+        for scope in self._wait_scopes or ():
             scope.cancel()
-        for scope in self._work_scopes:
+        for scope in self._work_scopes or ():
             scope.deadline = self.runtime.grace_deadline
         _interrupt(self)
         for slot in self._slots or ():
@@ -521,6 +574,9 @@ class Session:
                 telemetry.session_accepted(self.session_id)
                 with self._lock_scope:
                     rt.renewer.track(self)
+                    # (What the first receive compares with: it re-tracks only if this changed.)
+                    self._tracked_generation = self.renew_generation
+                    self._tracked_until = self.receiver.locked_until
                     try:
                         previous, self._previous = self._previous, None
                         if previous is not None and not await self._outlive(previous):
@@ -529,9 +585,7 @@ class Session:
                         actor = rt.actor_class()
                         if self.session_id is not None:
                             actor.session_id = self.session_id
-                            actor.session = SessionHandle(
-                                self.session_id, self.receiver.get_state, self.receiver.set_state
-                            )
+                            actor.session = _ReceiverHandle(self.session_id, self.receiver)
                         if rt.calls_on_start:
                             await actor.on_start()
                         # (Dispatched here, not in a helper: every await level is paid again at
@@ -570,7 +624,7 @@ class Session:
                     # Each clean-up step has its own bound and runs whatever happened to the one
                     # before: a hand-back stuck on a stalled broker must not skip on_stop, nor the
                     # close that releases the session.
-                    if self._lost is None and not cancelled:
+                    if self._lost is None and not cancelled and self._mailbox:
                         with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT):
                             await self._hand_back()
                     if actor is not None and rt.calls_on_stop:
@@ -616,15 +670,12 @@ class Session:
             return True
         if previous._ended is None:
             previous._ended = trio.Event()
-        scope = trio.CancelScope()
-        self._wait_scopes.add(scope)
-        if self.runtime.stopping:
-            scope.cancel()
+        scope = self._add_wait_scope()
         try:
             with scope:
                 await previous._ended.wait()
         finally:
-            self._wait_scopes.discard(scope)
+            self._end_wait(scope)
         return not scope.cancelled_caught
 
     def _concurrency(self) -> int:
@@ -654,12 +705,12 @@ class Session:
         now = rt.now
         with trio.CancelScope() as scope:
             self._loop_scope = scope
-            self._waiting = _Phase(self, _WAITING)
-            self._working = _Phase(self, _WORKING)
+            self._waiting = self._working = True
             try:
-                # `_receive`'s common path written in: this loop turns once per message, and
-                # each await level it saves is paid at every wait and wake-up of the session
-                # (with hundreds of sessions, most messages wake one).
+                # The receive call is written in (the loop's scope stands in for a wait's own):
+                # this loop turns once per message, and each await level it saves is paid at
+                # every wait and wake-up of the session. What follows a receive is `_took`,
+                # shared with `_receive`.
                 started = now()  # read when the mailbox empties: the clock read per message
                 idle_deadline = started + idle
                 while True:
@@ -696,7 +747,8 @@ class Session:
                         started = now()
                         idle_deadline = started + idle
             finally:
-                self._loop_scope = self._waiting = self._working = None
+                self._loop_scope = None
+                self._waiting = self._working = False
                 self._phase = _BUSY
         # Reached only when stop() cancelled the scope: a wait or a handle() was interrupted.
         message, self._current = self._current, None
@@ -738,9 +790,9 @@ class Session:
         max_messages = concurrency + rt.config.prefetch
         with trio.CancelScope() as scope:
             slot._loop_scope = scope
-            slot._waiting = _Phase(slot, _WAITING)
+            slot._waiting = True
             if self.session_id is not None:
-                slot._working = _Phase(slot, _WORKING)
+                slot._working = True
             # else: each message has its own lock and its own scope (`_process_fully`).
             try:
                 while pool.reason is None:
@@ -795,7 +847,8 @@ class Session:
                 pool.fail(failed)
                 return
             finally:
-                slot._loop_scope = slot._waiting = slot._working = None
+                slot._loop_scope = None
+                slot._waiting = slot._working = False
                 slot._phase = _BUSY
         if not scope.cancelled_caught:
             return
@@ -839,8 +892,7 @@ class Session:
                     await trio.sleep(backoff.next_delay())
                     continue
                 finally:
-                    if scope is not slot._waiting:
-                        self._end_wait(scope)
+                    self._end_wait(scope)
             if scope.cancelled_caught:
                 return None
             self._took(received, started)
@@ -907,18 +959,24 @@ class Session:
 
     def _wait_scope(self, slot: Session | _Slot) -> trio.CancelScope | _Phase | None:
         """Where a wait of ``slot`` runs; None when a stop request already came (do not wait)."""
-        if slot._waiting is not None:
+        if slot._waiting:
             if self.runtime.stopping:
                 return None
-            return slot._waiting
+            return _Phase(slot, _WAITING)
+        scope = self._add_wait_scope()
+        return scope
+
+    def _add_wait_scope(self) -> trio.CancelScope:
         scope = trio.CancelScope()
+        if self._wait_scopes is None:
+            self._wait_scopes = set()
         self._wait_scopes.add(scope)
         if self.runtime.stopping:
             scope.cancel()
         return scope
 
     def _end_wait(self, scope: trio.CancelScope | _Phase) -> None:
-        if isinstance(scope, trio.CancelScope):
+        if isinstance(scope, trio.CancelScope) and self._wait_scopes is not None:
             self._wait_scopes.discard(scope)
 
     # -- one message -------------------------------------------------------------------------
@@ -933,7 +991,7 @@ class Session:
         attempt did other than return, goes on in `_process_fully`.
         """
         rt = self.runtime
-        if slot._working is None or rt.stopping or (self._spans_on and self._traced(message)):
+        if not slot._working or rt.stopping or (self._spans_on and self._traced(message)):
             return await self._process_fully(actor, message, slot)
         limit = rt.config.max_delivery_count
         if limit is not None and message.delivery_count > limit:
@@ -947,7 +1005,7 @@ class Session:
         until = self.receiver.locked_until
         if until is not None and until - rt.lock_margin <= now:
             raise _LockLost(self._too_late(until))
-        context = _DeliveredContext(message, 1, self._dead_letter_bound, self._renew_bound)
+        context = _DeliveredContext(message, 1, self)
         slot._current = message
         slot._busy_since = now
         slot._phase = _WORKING  # what `slot._working` marks (see stop()), without its calls
@@ -1078,15 +1136,17 @@ class Session:
                         until = receiver.locked_until
                         if until is not None and until - rt.lock_margin <= now:
                             raise _LockLost(self._too_late(until))
-                    context = _DeliveredContext(message, attempt, self._dead_letter_bound, self._renew_bound)
+                    context = _DeliveredContext(message, attempt, self)
                     self.attempt = attempt
                     slot._busy_since = now
                     if lock is not None:
                         lock.busy_since = now
-                    if slot._working is not None:
-                        work = slot._working  # the loop's scope stands in (see stop())
+                    if slot._working:
+                        work = _Phase(slot, _WORKING)  # the loop's scope stands in (see stop())
                     else:
                         work = trio.CancelScope(deadline=rt.grace_deadline)
+                        if self._work_scopes is None:
+                            self._work_scopes = set()
                         self._work_scopes.add(work)
                         if lock is not None:
                             lock.scope = work
@@ -1113,7 +1173,7 @@ class Session:
                         except Exception as error:
                             failure = error
                         finally:
-                            if isinstance(work, trio.CancelScope):
+                            if isinstance(work, trio.CancelScope) and self._work_scopes is not None:
                                 self._work_scopes.discard(work)
                             slot._busy_since = None
                             if lock is not None:
@@ -1314,8 +1374,8 @@ class _Slot:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self._loop_scope: trio.CancelScope | None = None
-        self._waiting: _Phase | None = None
-        self._working: _Phase | None = None
+        self._waiting = False
+        self._working = False
         self._phase = _BUSY
         self._current: ReceivedMessage | None = None
         self._busy_since: float | None = None

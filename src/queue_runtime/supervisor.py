@@ -111,6 +111,9 @@ class Supervisor:
             breaker=self._breaker,
         )
         self._slots = trio.Semaphore(config.max_concurrent_sessions)
+        # Bound once: each live session keeps its ``on_exit``, and one shared object is less
+        # for the garbage collector than one per session.
+        self._release_slot = self._slots.release
         self._accept_scopes: set[trio.CancelScope] = set()
         self._serving = False
         self._accepting = False
@@ -257,7 +260,7 @@ class Supervisor:
                         backoff.reset()
                         if receiver is None:
                             continue
-                        session = Session(self._runtime, receiver, on_exit=self._slots.release)
+                        session = Session(self._runtime, receiver, on_exit=self._release_slot)
                         sessions.start_soon(session.run)
                         handed_over = True
                     finally:
