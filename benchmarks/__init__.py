@@ -13,4 +13,4 @@ from __future__ import annotations
 __all__ = ["BENCHMARKS"]
 
 #: Benchmark modules in the order ``python -m benchmarks`` runs them.
-BENCHMARKS = ("throughput", "memory", "latency", "telemetry_cost", "scaling", "sqs", "sqlite")
+BENCHMARKS = ("throughput", "memory", "latency", "telemetry_cost", "scaling", "sqs", "sqlite", "concurrency")

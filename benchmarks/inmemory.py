@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -103,6 +104,36 @@ def _plan(messages: int, sessions: int) -> list[list[tuple[str, int]]]:
     return [pairs[i : i + BATCH] for i in range(0, messages, BATCH)]
 
 
+async def _drive(
+    provider: InMemoryProvider,
+    supervisor: Supervisor,
+    produce: Callable[[], Awaitable[None]],
+    progress: _Progress,
+    messages: int,
+    start: float,
+    cpu_start: float,
+) -> float:
+    """Serve ``supervisor`` while ``produce`` sends; seconds from ``start`` to the last
+    completion (CPU time to `last_cpu_seconds`). Raises if any message went wrong."""
+    global last_cpu_seconds
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.serve)
+        nursery.start_soon(produce)
+        await progress.done.wait()
+        # The last handle() has returned; its completion follows in the same task step (a
+        # settlement does not yield), so this loop normally does not turn.
+        while supervisor.stats().completed < messages:
+            await trio.lowlevel.checkpoint()
+        elapsed = time.perf_counter() - start
+        last_cpu_seconds = time.process_time() - cpu_start
+        supervisor.stop()
+    stats = supervisor.stats()
+    if stats.completed != messages or stats.dead_lettered or stats.failed_attempts:
+        raise RuntimeError(f"runtime try went wrong: {stats}")
+    await provider.aclose()
+    return elapsed
+
+
 async def _runtime(
     sessions: int, messages: int, per_session_concurrency: int, kind: str, config_extra: dict[str, Any]
 ) -> float:
@@ -125,23 +156,7 @@ async def _runtime(
         for batch in plan:
             await provider.send(QUEUE, [Message(body_for(i), session_id=sid) for sid, i in batch])
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(supervisor.serve)
-        nursery.start_soon(produce)
-        await progress.done.wait()
-        # The last handle() has returned; its completion follows in the same task step (a
-        # settlement does not yield), so this loop normally does not turn.
-        while supervisor.stats().completed < messages:
-            await trio.lowlevel.checkpoint()
-        elapsed = time.perf_counter() - start
-        global last_cpu_seconds
-        last_cpu_seconds = time.process_time() - cpu_start
-        supervisor.stop()
-    stats = supervisor.stats()
-    if stats.completed != messages or stats.dead_lettered or stats.failed_attempts:
-        raise RuntimeError(f"runtime try went wrong: {stats}")
-    await provider.aclose()
-    return elapsed
+    return await _drive(provider, supervisor, produce, progress, messages, start, cpu_start)
 
 
 async def _baseline(sessions: int, messages: int, kind: str) -> float:
@@ -206,3 +221,77 @@ def baseline_try(sessions: int, messages: int, *, kind: str = "cpu") -> float:
     """Seconds for the hand-written trio pipeline to produce and handle ``messages`` messages."""
     gc.collect()
     return trio.run(_baseline, sessions, messages, kind)
+
+
+# -- non-session queue: the runtime vs a hand-written consumer with N concurrent handlers ------
+
+JOBS = "jobs"
+
+
+async def _queue_runtime(messages: int, slots: int, kind: str) -> float:
+    actor = BenchActor if kind == "cpu" else IoBenchActor
+    start = time.perf_counter()
+    cpu_start = time.process_time()
+    provider = InMemoryProvider(max_queue_messages=messages + BATCH)
+    provider.create_queue(JOBS, requires_session=False)
+    global _progress
+    _progress = progress = _Progress(messages)
+    supervisor = Supervisor(provider, actor, SupervisorConfig(queue=JOBS, max_concurrent_sessions=slots))
+
+    async def produce() -> None:
+        for i in range(0, messages, BATCH):
+            await provider.send(JOBS, [Message(body_for(j)) for j in range(i, min(i + BATCH, messages))])
+
+    return await _drive(provider, supervisor, produce, progress, messages, start, cpu_start)
+
+
+async def _queue_baseline(messages: int, slots: int, kind: str) -> float:
+    """``slots`` tasks, each: receive one message, decode, await the handler, complete."""
+    work = HANDLERS[kind]
+    decode = msgspec.json.Decoder(Event).decode
+    start = time.perf_counter()
+    cpu_start = time.process_time()
+    provider = InMemoryProvider(max_queue_messages=messages + BATCH)
+    provider.create_queue(JOBS, requires_session=False)
+    receiver = await provider.open_receiver(JOBS)
+    done = trio.Event()
+    handled = 0
+
+    async def handler_task() -> None:
+        nonlocal handled
+        while handled < messages:
+            for message in await receiver.receive(1, 1.0):
+                await work(decode(message.message.body))
+                await receiver.complete(message)
+                handled += 1
+                if handled == messages:
+                    done.set()
+
+    async def produce() -> None:
+        for i in range(0, messages, BATCH):
+            await provider.send(JOBS, [Message(body_for(j)) for j in range(i, min(i + BATCH, messages))])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(produce)
+        for _ in range(slots):
+            nursery.start_soon(handler_task)
+        await done.wait()
+        elapsed = time.perf_counter() - start
+        global last_cpu_seconds
+        last_cpu_seconds = time.process_time() - cpu_start
+        nursery.cancel_scope.cancel()
+    await provider.aclose()
+    return elapsed
+
+
+def queue_runtime_try(messages: int, slots: int, *, kind: str = "io") -> float:
+    """Seconds for the supervisor to handle ``messages`` of a non-session queue with
+    ``max_concurrent_sessions = slots``."""
+    gc.collect()
+    return trio.run(_queue_runtime, messages, slots, kind)
+
+
+def queue_baseline_try(messages: int, slots: int, *, kind: str = "io") -> float:
+    """Seconds for ``slots`` hand-written receive/handle/complete tasks on the same broker."""
+    gc.collect()
+    return trio.run(_queue_baseline, messages, slots, kind)

@@ -53,6 +53,10 @@ GROUPS = 10
 BACKLOG = 30
 WAIT = 2  # long poll seconds, both sides
 PLANS = {"tiny": (12, 1), "quick": (300, 2), "full": (600, 3)}
+#: Seconds the latency proxy (`drills.proxy`, ``--delay``) adds each way to every consumer
+#: call: 0 is the direct connection; 10 and 25 ms are round trips of 20 and 50 ms, as to SQS
+#: in a nearby or a farther region.
+DELAYS = {"tiny": (0.0, 0.01), "quick": (0.0, 0.01, 0.025), "full": (0.0, 0.01, 0.025)}
 
 sys.path.insert(0, str(ROOT / "tests"))  # the moto server helper the tests use
 
@@ -214,8 +218,11 @@ async def _hand_written(endpoint: str, queue_url: str, total: int) -> dict[str, 
     return {"seconds": elapsed, "cpu_seconds": cpu, "calls": dict(calls)}
 
 
-def _try(endpoint: str, side: str, total: int) -> dict[str, Any]:
+def _try(endpoint: str, side: str, total: int, consumer_endpoint: str | None = None) -> dict[str, Any]:
+    """One try; the consumer talks to ``consumer_endpoint`` (a latency proxy in front of
+    ``endpoint``) when given, the producer always to ``endpoint`` directly."""
     sqs = _boto(endpoint)
+    consumer = consumer_endpoint or endpoint
     queue = f"bench-{uuid.uuid4().hex[:10]}.fifo"
     queue_url = sqs.create_queue(
         QueueName=queue, Attributes={"FifoQueue": "true", "VisibilityTimeout": "30"}
@@ -227,9 +234,10 @@ def _try(endpoint: str, side: str, total: int) -> dict[str, Any]:
     producer.start()
     try:
         if side == "runtime":
-            result = trio.run(_runtime, endpoint, queue, total)
+            result = trio.run(_runtime, consumer, queue, total)
         else:
-            result = trio.run(_hand_written, endpoint, queue_url, total)
+            # The queue URL names the server; the loop's client sends to its own endpoint.
+            result = trio.run(_hand_written, consumer, queue_url, total)
     finally:
         _state.stop = True
         producer.join(timeout=30)
@@ -248,22 +256,54 @@ def run(size: str, results_dir: Path, endpoint: str | None = None) -> dict[str, 
     """``endpoint``: a running moto server; None starts one (and stops it afterwards)."""
     check_size(size)
     total, tries = PLANS[size]
+    delays = DELAYS[size]
     server = None
+    proxies: dict[float, Any] = {}
     if endpoint is None:
         from sqs_server import MotoServer
 
         server = MotoServer()
         endpoint = server.url
+    by_delay: dict[float, dict[str, list[dict[str, Any]]]] = {
+        delay: {"runtime": [], "hand-written": []} for delay in delays
+    }
     try:
-        sides: dict[str, list[dict[str, Any]]] = {"runtime": [], "hand-written": []}
-        for _ in range(tries):
-            for side in sides:
-                sides[side].append(_try(endpoint, side, total))
+        import tempfile
+
+        from drills.proxy import ProxyProcess
+
+        logs = Path(tempfile.mkdtemp(prefix="sqs-bench-proxy-"))
+        for delay in delays:
+            if delay > 0:
+                proxies[delay] = ProxyProcess(
+                    endpoint, ["--listen-port", "0", "--delay", str(delay)], log=logs / f"proxy-{delay}.log"
+                )
+        for _ in range(tries):  # interleaved: every latency and side once per round
+            for delay, sides in by_delay.items():
+                via = proxies[delay].url if delay > 0 else None
+                for side in sides:
+                    sides[side].append(_try(endpoint, side, total, via))
     finally:
+        for proxy in proxies.values():
+            proxy.stop()
         if server is not None:
             server.stop()
+    latency_rows = []
+    for delay, sides in by_delay.items():
+        pair = {side: _summary(results) for side, results in sides.items()}
+        runtime, hand = pair["runtime"], pair["hand-written"]
+        latency_rows.append(
+            {
+                "delay_ms_each_way": round(delay * 1000),
+                "runtime": {k: v for k, v in runtime.items() if k != "tries_raw"},
+                "hand_written": {k: v for k, v in hand.items() if k != "tries_raw"},
+                "rate_ratio": round(runtime["msgs_per_s"] / hand["msgs_per_s"], 3),
+                "cpu_ratio": round(runtime["cpu_us_per_msg"] / hand["cpu_us_per_msg"], 3),
+                "calls_ratio": round(runtime["api_calls_per_msg"] / hand["api_calls_per_msg"], 3),
+            }
+        )
     rows = []
-    for side, results in sides.items():
+    for side, results in by_delay[delays[0]].items():
         calls: collections.Counter[str] = collections.Counter()
         for r in results:
             calls.update(r["calls"])
@@ -321,10 +361,54 @@ def run(size: str, results_dir: Path, endpoint: str | None = None) -> dict[str, 
             for r in rows
         ],
     )
+    result["latency"] = latency_rows
+    result["latency_table"] = table(
+        f"SQS at added network latency (latency proxy in front of moto, consumer calls only;"
+        f" {total} messages, median of {tries}, steady state)",
+        [
+            "added each way",
+            "runtime msg/s",
+            "hand-written msg/s",
+            "rate ratio",
+            "runtime CPU/msg (us)",
+            "hand-written CPU/msg (us)",
+            "CPU ratio",
+            "runtime calls/msg",
+            "hand-written calls/msg",
+            "calls ratio",
+        ],
+        [
+            (
+                f"{r['delay_ms_each_way']} ms",
+                r["runtime"]["msgs_per_s"],
+                r["hand_written"]["msgs_per_s"],
+                r["rate_ratio"],
+                r["runtime"]["cpu_us_per_msg"],
+                r["hand_written"]["cpu_us_per_msg"],
+                r["cpu_ratio"],
+                r["runtime"]["api_calls_per_msg"],
+                r["hand_written"]["api_calls_per_msg"],
+                r["calls_ratio"],
+            )
+            for r in latency_rows
+        ],
+    )
     print(result["table"])
+    print(result["latency_table"])
     print(
         f"steady-state CPU/msg runtime / hand-written = {result['cpu_ratio_runtime_over_hand_written']},"
         f" calls/msg ratio = {result['calls_ratio_runtime_over_hand_written']}"
     )
     write_result(results_dir, NAME, result)
     return result
+
+
+def _summary(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Steady-state medians of one side's tries at one latency."""
+    steady = [r["steady"] for r in results]
+    return {
+        "msgs_per_s": round(median([s["messages"] / s["seconds"] for s in steady]), 1),
+        "cpu_us_per_msg": round(median([s["cpu_seconds"] / s["messages"] for s in steady]) * 1e6, 1),
+        "api_calls_per_msg": round(median([s["calls"] / s["messages"] for s in steady]), 3),
+        "tries_raw": results,
+    }

@@ -91,15 +91,40 @@ def _child(mode: str, sessions: int, messages: int, tries: int) -> dict[str, Any
         )
     if provider is not None:
         provider.force_flush()
-        provider.shutdown()
         (processor,) = provider._active_span_processor._span_processors
         extra["spans_exported"] = type(processor.span_exporter).exported
+        if mode == "tracing":
+            extra["sdk_span_cpu_us"] = _sdk_span_cpu_us(provider)
+        provider.shutdown()
     return {
         "mode": mode,
         "seconds": [round(t, 4) for t in times],
         "cpu_seconds": [round(t, 4) for t in cpu],
         **extra,
     }
+
+
+def _sdk_span_cpu_us(provider: Any, spans: int = 20_000) -> float:
+    """CPU microseconds the SDK alone spends on one span with the guide's attributes (start,
+    end, the batch processor's queue), measured in the tracing child: the floor under always-on
+    tracing that no runtime change can lower."""
+    import time
+
+    tracer = provider.get_tracer("benchmarks.telemetry_cost")
+    attributes = {
+        "messaging.system": "memory",
+        "messaging.destination": "bench",
+        "messaging.destination.name": "bench",
+        "messaging.message_id": "00000000-0000-4000-8000-000000000000",
+        "messaging.message.id": "00000000-0000-4000-8000-000000000000",
+        "messaging.conversation_id": "s-1",
+        "messaging.operation": "process",
+    }
+    started = time.process_time()
+    for _ in range(spans):
+        tracer.start_span("process bench", attributes=attributes).end()
+    provider.force_flush()
+    return (time.process_time() - started) / spans * 1e6
 
 
 def measure(mode: str, sessions: int, messages: int, tries: int) -> dict[str, Any]:
@@ -141,6 +166,8 @@ def run(size: str, results_dir: Path) -> dict[str, Any]:
         for key in ("metric_points", "spans_exported"):
             if key in runs[mode][0]:
                 row[key] = runs[mode][0][key]
+        if mode == "tracing":
+            row["sdk_span_cpu_us"] = round(median([child["sdk_span_cpu_us"] for child in runs[mode]]), 2)
         row["msgs_per_s"] = round(messages / median(seconds))
         row["msgs_per_cpu_s"] = round(messages / median(cpu))
         rows.append(row)
@@ -149,8 +176,23 @@ def run(size: str, results_dir: Path) -> dict[str, Any]:
     for row in rows:
         row["relative_to_off"] = round(row["msgs_per_s"] / off, 3)
         row["cpu_relative_to_off"] = round(row["msgs_per_cpu_s"] / off_cpu, 3)
+    # The ceiling SDK spans alone leave always-on tracing: the no-SDK CPU per message plus, per
+    # message, as many bare SDK spans as the tracing mode exported.
+    tracing = rows[-1]
+    off_us = median(rows[0]["cpu_seconds"]) / messages * 1e6
+    warm_up = max(messages // 5, sessions)  # one child: its warm-up and one try
+    spans_per_message = tracing["spans_exported"] / (messages + warm_up)
+    sdk_us = spans_per_message * tracing["sdk_span_cpu_us"]
+    ceiling = {
+        "off_cpu_us_per_message": round(off_us, 2),
+        "spans_per_message": round(spans_per_message, 2),
+        "sdk_cpu_us_per_message": round(sdk_us, 2),
+        "ratio": round(off_us / (off_us + sdk_us), 3),
+    }
+    print(f"  always-on ceiling with SDK spans alone: {ceiling}", flush=True)
     result: dict[str, Any] = {
         "size": size,
+        "tracing_ceiling": ceiling,
         "sessions": sessions,
         "messages": messages,
         "tries": tries,

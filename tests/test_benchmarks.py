@@ -12,7 +12,17 @@ from typing import Any
 
 import pytest
 
-from benchmarks import BENCHMARKS, latency, memory, scaling, sqlite, sqs, telemetry_cost, throughput
+from benchmarks import (
+    BENCHMARKS,
+    concurrency,
+    latency,
+    memory,
+    scaling,
+    sqlite,
+    sqs,
+    telemetry_cost,
+    throughput,
+)
 from benchmarks.__main__ import build_parser
 from benchmarks._common import percentile, table
 from benchmarks.inmemory import baseline_try, runtime_try
@@ -94,6 +104,17 @@ def test_scaling_writes_the_plot(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_concurrency_measures_every_case_and_both_queue_consumers(tmp_path: Path) -> None:
+    # runtime_try / queue_runtime_try raise unless every message was completed, none failed.
+    concurrency.run("tiny", tmp_path)
+    data = _json(tmp_path, "concurrency")
+    assert [row["c"] for row in data["cpu"]] == list(concurrency.PLANS["tiny"]["cpu"])
+    assert [row["c"] for row in data["io"]] == list(concurrency.PLANS["tiny"]["io"])
+    queue = data["queue"]
+    assert queue["runtime_msgs_per_s"] > 0 and queue["baseline_msgs_per_s"] > 0
+    assert "## 8. Concurrent handling" in render(tmp_path)
+
+
 def test_sqs_runtime_and_hand_written_consume_the_same_work(tmp_path: Path, request: Any) -> None:
     sqs.run("tiny", tmp_path, endpoint=request.getfixturevalue("moto_sqs"))
     rows = _json(tmp_path, "sqs")["rows"]
@@ -149,6 +170,7 @@ def test_entry_points_parse_sizes_and_names(capsys: Any) -> None:
         "scaling",
         "sqs",
         "sqlite",
+        "concurrency",
     }
 
 

@@ -732,7 +732,7 @@ def check_invariants(provider: InMemoryProvider, queue: str = "q") -> None:
         head = provider._head(session)
         assert (head.seq if head is not None else None) == (pending[0] if pending else None)
         for rec in session.in_flight.values():
-            assert rec.session is session and rec.state == "locked"
+            assert rec.session_id == session.id and rec.state == "locked"
 
 
 async def test_ten_thousand_sessions_oldest_first_and_memory_released(autojump_clock: Any) -> None:

@@ -436,6 +436,10 @@ def test_the_sampler_from_the_environment_is_honoured(
     assert not [s for s in collector.spans if s.name == f"session {name}"]
     completed = collector.latest("queue_messages_completed", queue=name)
     assert completed is not None and completed.value == 4
+    # Untraced messages skip their spans, not their durations.
+    for histogram in ("queue_process_duration_seconds", "queue_complete_duration_seconds"):
+        duration = collector.latest(histogram, queue=name)
+        assert duration is not None and duration.count == 4, histogram
     # Default resource name when OTEL_SERVICE_NAME is not set.
     assert completed.resource["service.name"] == "queue-runtime"
 

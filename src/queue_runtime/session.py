@@ -36,23 +36,21 @@ import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import trio
 
-from .actor import DeadLetter, MessageContext, SessionActor, SessionHandle, StopReason, _DeliveredContext
+from .actor import DeadLetter, MessageContext, SessionActor, StopReason, _DeliveredContext, _ReceiverHandle
 from .codec import DecodeError
 from .config import SupervisorConfig
+from .counters import Counters
 from .errors import InvalidReceipt, MessageLockLost, QueueError, SessionLockLost, Throttled, Timeout
 from .introspection import SessionSnapshot
 from .message import ReceivedMessage
 from .providers.base import Receiver
 from .redaction import redact
 from .retry import Backoff, CircuitBreaker, call_with_retry
-from .telemetry import Telemetry, observed, tracing_enabled
-
-if TYPE_CHECKING:
-    from .supervisor import Counters
+from .telemetry import Telemetry, observed, timed, tracing_enabled
 
 __all__ = ["LockRenewer", "Runtime", "Session"]
 
@@ -71,6 +69,8 @@ SETTLE_ATTEMPTS = 6
 LOCK_MARGIN_MAX = 2.0
 #: ... and at most this fraction of the lock duration, so short locks keep most of their time.
 LOCK_MARGIN_FRACTION = 0.2
+#: The renewal heap's least size at which stale entries are dropped (`LockRenewer._push`).
+COMPACT_MIN = 256
 
 
 def lock_margin(lock_duration: float | None) -> float:
@@ -176,6 +176,10 @@ class LockRenewer:
         self._wake = trio.Event()
         self._next_wake = math.inf
         self._limiter = trio.CapacityLimiter(concurrency)
+        # Stale entries are skipped when they come due, a lock duration later: until then they
+        # would keep ended sessions alive. The heap is rebuilt without them when it has grown
+        # to this size (twice its size after the last rebuild: amortised O(1) per push).
+        self._compact_at = COMPACT_MIN
 
     def track(self, holder: LockHolder) -> None:
         """(Re)schedule ``holder``'s renewal and expiry from its current ``locked_until``."""
@@ -193,7 +197,12 @@ class LockRenewer:
         holder.renew_generation += 1
 
     def _push(self, due: float, holder: LockHolder, kind: int) -> None:
-        heapq.heappush(self._heap, (due, next(self._sequence), holder, holder.renew_generation, kind))
+        heap = self._heap
+        if len(heap) >= self._compact_at:
+            heap[:] = [entry for entry in heap if entry[2].renew_generation == entry[3]]
+            heapq.heapify(heap)
+            self._compact_at = max(COMPACT_MIN, 2 * len(heap))
+        heapq.heappush(heap, (due, next(self._sequence), holder, holder.renew_generation, kind))
         if due < self._next_wake:
             self._wake.set()
 
@@ -305,6 +314,10 @@ class Runtime:
         #: Turns True as soon as a meter or tracer provider is set or message logging enabled.
         #: (`telemetry.observed` itself unless a subclass overrides a hook: one call less.)
         self.observing: Callable[[], bool] = _always if self.own_message_hooks else observed
+        #: Whether a message's counts and durations would be seen now (metrics, message logs):
+        #: asked per receive while `observing`; untraced messages skip their clock reads and
+        #: hooks otherwise.
+        self.timing: Callable[[], bool] = _always if self.own_message_hooks else timed
         self.counters = counters
         self.renewer = renewer
         self.breaker = breaker
@@ -367,6 +380,47 @@ class _MessageLock:
 class Session:
     """Runs one actor over one receiver; see the module docstring for the guarantees."""
 
+    # (No per-instance dict: one object less per live session for the garbage collector.)
+    __slots__ = (
+        "_busy_since",
+        "_children_dropped",
+        "_current",
+        "_ended",
+        "_finished",
+        "_lock_scope",
+        "_loop_scope",
+        "_lost",
+        "_mailbox",
+        "_message_locks",
+        "_on_exit",
+        "_phase",
+        "_previous",
+        "_quiet",
+        "_receive_backoff",
+        "_receive_spans",
+        "_slots",
+        "_spans_on",
+        "_timed",
+        "_tracked_generation",
+        "_tracked_until",
+        "_wait_scopes",
+        "_waiting",
+        "_work_scopes",
+        "_working",
+        "attempt",
+        "failures",
+        "last_error",
+        "received",
+        "receiver",
+        "renew_generation",
+        "renewals",
+        "retry_at",
+        "runtime",
+        "session_id",
+        "started_at",
+        "stop_reason",
+    )
+
     def __init__(
         self, runtime: Runtime, receiver: Receiver, on_exit: Callable[[], object] | None = None
     ) -> None:
@@ -378,7 +432,7 @@ class Session:
         self._on_exit = on_exit
         self.session_id = receiver.session_id
         self.renew_generation = 0
-        self.busy_since: float | None = None
+        self._busy_since: float | None = None  # the ordered loop's `handle()` start (`busy_since`)
         # Read by `snapshot` (``/sessions``) only: set where the loop already has the values,
         # never a clock read or an allocation of their own on a message's path.
         self.started_at: float | None = None  # the trio time `run` began
@@ -390,29 +444,35 @@ class Session:
         self.retry_at: float | None = None  # while in a retry backoff: when the next attempt is due
         self._mailbox: deque[ReceivedMessage] = deque()
         self._lock_scope = trio.CancelScope()
-        self._wait_scopes: set[trio.CancelScope] = set()
-        self._work_scopes: set[trio.CancelScope] = set()
+        # Per-call scopes of the slower paths, for `stop`: sets made on first use, as most
+        # sessions never need one.
+        self._wait_scopes: set[trio.CancelScope] | None = None
+        self._work_scopes: set[trio.CancelScope] | None = None
         # The ordered loop of a session runs in one cancel scope rather than a scope per
         # receive and per handle() (those were a quarter of the CPU per message); `_phase`
         # says what it is doing and `_current` which message it is on.
         self._loop_scope: trio.CancelScope | None = None
-        self._waiting: _Phase | None = None  # reusable markers, made with the loop's scope
-        self._working: _Phase | None = None
+        # Whether the loop's scope stands in for a wait's / a handle()'s own scope (a `_Phase`
+        # marks it then, made by the slower paths that need one).
+        self._waiting = False
+        self._working = False
         self._phase = _BUSY
         self._current: ReceivedMessage | None = None
+        # The handler slots of a concurrent session (`_concurrent_loop`), each with the fields
+        # above of its own; None in the ordered loop, where the session is its only slot.
+        self._slots: list[_Slot] | None = None
         # The renewal entry made last (generation, lock deadline): see `_receive`.
         self._tracked_generation = -1
         self._tracked_until: float | None = None
         self._receive_backoff: Backoff | None = None  # while receives fail in a row
-        # Every MessageContext gets these: bound once per session, not per message.
-        self._renew_bound = self._renew_now
-        self._dead_letter_bound = self._dead_letter
         self._quiet = False  # `not Runtime.observing()`, as of the last receive
+        self._timed = True  # `Runtime.timing()` (counts and durations wanted), as of then too
         #: Whether spans under the session span are all dropped (tracing off, or the session
         #: span unsampled under a parent-based sampler): then only messages that carry their
         #: own trace context get spans. Set when the session span opens.
         self._children_dropped = False
         self._spans_on = False
+        self._receive_spans = False  # receives get spans: tracing on, the session span sampled
         self._lost: BaseException | None = None
         self._message_locks: dict[str, _MessageLock] = {}
         self.stop_reason: StopReason | None = None
@@ -431,6 +491,14 @@ class Session:
     @property
     def locked_until(self) -> float | None:
         return self.receiver.locked_until
+
+    @property
+    def busy_since(self) -> float | None:
+        """When the running ``handle()`` started (the oldest, with concurrent handlers)."""
+        slots = self._slots
+        if slots is None:
+            return self._busy_since
+        return min((slot._busy_since for slot in slots if slot._busy_since is not None), default=None)
 
     async def renew(self) -> float:
         return await self.receiver.renew_lock()
@@ -451,22 +519,21 @@ class Session:
     def stop(self) -> None:
         """Graceful stop: stop waiting (for messages or a retry backoff) and let running
         ``handle()`` calls finish until the grace deadline."""
-        for scope in self._wait_scopes:
+        for scope in self._wait_scopes or ():
             scope.cancel()
-        for scope in self._work_scopes:
+        for scope in self._work_scopes or ():
             scope.deadline = self.runtime.grace_deadline
-        loop_scope = self._loop_scope
-        if loop_scope is not None:
-            if self._phase == _WAITING:
-                loop_scope.cancel()
-            elif self._phase == _WORKING:
-                loop_scope.deadline = self.runtime.grace_deadline
+        _interrupt(self)
+        for slot in self._slots or ():
+            _interrupt(slot)
 
     def snapshot(self) -> SessionSnapshot:
         """What this session is doing now, as raw facts on the runtime's clock, for
         ``/sessions`` (`queue_runtime.introspection` builds the view). Read-only; built only
         when asked, so it costs the message path nothing."""
         current = self._current
+        if current is None and self._slots is not None:
+            current = next((slot._current for slot in self._slots if slot._current is not None), None)
         return SessionSnapshot(
             session_id=self.session_id,
             started_at=self.started_at,
@@ -500,12 +567,16 @@ class Session:
         with telemetry.session_span(self.session_id):
             self._spans_on = rt.own_message_spans or tracing_enabled()
             self._children_dropped = not rt.own_message_spans and telemetry.children_dropped()
+            self._receive_spans = self._spans_on and not self._children_dropped
             try:
                 rt.sessions.add(self)
                 rt.counters.sessions_started += 1
                 telemetry.session_accepted(self.session_id)
                 with self._lock_scope:
                     rt.renewer.track(self)
+                    # (What the first receive compares with: it re-tracks only if this changed.)
+                    self._tracked_generation = self.renew_generation
+                    self._tracked_until = self.receiver.locked_until
                     try:
                         previous, self._previous = self._previous, None
                         if previous is not None and not await self._outlive(previous):
@@ -514,15 +585,13 @@ class Session:
                         actor = rt.actor_class()
                         if self.session_id is not None:
                             actor.session_id = self.session_id
-                            actor.session = SessionHandle(
-                                self.session_id, self.receiver.get_state, self.receiver.set_state
-                            )
+                            actor.session = _ReceiverHandle(self.session_id, self.receiver)
                         if rt.calls_on_start:
                             await actor.on_start()
                         # (Dispatched here, not in a helper: every await level is paid again at
                         # each wait and wake-up of the session.)
                         concurrency = self._concurrency()
-                        if concurrency == 1:
+                        if concurrency == 1 and self.session_id is not None:
                             reason = await self._ordered_loop(actor)
                         else:
                             reason = await self._concurrent_loop(actor, concurrency)
@@ -555,7 +624,7 @@ class Session:
                     # Each clean-up step has its own bound and runs whatever happened to the one
                     # before: a hand-back stuck on a stalled broker must not skip on_stop, nor the
                     # close that releases the session.
-                    if self._lost is None and not cancelled:
+                    if self._lost is None and not cancelled and self._mailbox:
                         with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT):
                             await self._hand_back()
                     if actor is not None and rt.calls_on_stop:
@@ -601,15 +670,12 @@ class Session:
             return True
         if previous._ended is None:
             previous._ended = trio.Event()
-        scope = trio.CancelScope()
-        self._wait_scopes.add(scope)
-        if self.runtime.stopping:
-            scope.cancel()
+        scope = self._add_wait_scope()
         try:
             with scope:
                 await previous._ended.wait()
         finally:
-            self._wait_scopes.discard(scope)
+            self._end_wait(scope)
         return not scope.cancelled_caught
 
     def _concurrency(self) -> int:
@@ -626,11 +692,9 @@ class Session:
         ``handle()``: `stop` cancels it while the loop waits (receive, retry backoff) and gives
         it the grace deadline while ``handle()`` runs (lifted again once ``handle()`` returned,
         so settling is never cut short). A message interrupted that way is abandoned here, as
-        with per-call scopes. A non-session queue keeps per-message scopes (each message has
-        its own lock, cancelled on its own).
+        with per-call scopes. Sessions only: a non-session queue runs `_concurrent_loop` (with
+        one slot when ``max_concurrent_sessions`` is 1).
         """
-        if self.session_id is None:
-            return await self._ordered_steps(actor)
         rt = self.runtime
         config = rt.config
         idle = config.session_idle_timeout
@@ -641,12 +705,12 @@ class Session:
         now = rt.now
         with trio.CancelScope() as scope:
             self._loop_scope = scope
-            self._waiting = _Phase(self, _WAITING)
-            self._working = _Phase(self, _WORKING)
+            self._waiting = self._working = True
             try:
-                # `_ordered_steps` with `_receive`'s common path written in: this loop turns
-                # once per message, and each await level it saves is paid at every wait and
-                # wake-up of the session (with hundreds of sessions, most messages wake one).
+                # The receive call is written in (the loop's scope stands in for a wait's own):
+                # this loop turns once per message, and each await level it saves is paid at
+                # every wait and wake-up of the session. What follows a receive is `_took`,
+                # shared with `_receive`.
                 started = now()  # read when the mailbox empties: the clock read per message
                 idle_deadline = started + idle
                 while True:
@@ -672,29 +736,19 @@ class Session:
                         finally:
                             self._phase = _BUSY
                         self._receive_backoff = None
+                        self._took(received, started)
                         if not received:
-                            if rt.observing():  # an empty long poll is a receive call too
-                                self._received(received, now() - started)
                             started = now()
                             continue  # the next turn ends the session if it is idle
-                        self._quiet = quiet = not rt.observing()
-                        if not quiet:
-                            self._received(received, now() - started)
-                        rt.counters.received += len(received)
-                        self.received += len(received)
-                        mailbox.extend(received)
                         del received  # not kept alive while the session waits (less for the GC)
-                        until = receiver.locked_until
-                        if until != self._tracked_until or self.renew_generation != self._tracked_generation:
-                            rt.renewer.track(self)  # see `_receive`
-                            self._tracked_generation, self._tracked_until = self.renew_generation, until
-                    if not await self._process(actor, mailbox.popleft()):
+                    if not await self._process(actor, mailbox.popleft(), self):
                         return "shutdown"
                     if not mailbox:  # only a receive reads them: no clock read per prefetched message
                         started = now()
                         idle_deadline = started + idle
             finally:
-                self._loop_scope = self._waiting = self._working = None
+                self._loop_scope = None
+                self._waiting = self._working = False
                 self._phase = _BUSY
         # Reached only when stop() cancelled the scope: a wait or a handle() was interrupted.
         message, self._current = self._current, None
@@ -702,88 +756,116 @@ class Session:
             await self._abandon(message)
         return "shutdown"
 
-    async def _ordered_steps(self, actor: SessionActor[Any]) -> StopReason:
-        rt = self.runtime
-        idle = rt.config.session_idle_timeout
-        mailbox = self._mailbox
-        now = rt.now
-        idle_deadline = now() + idle
-        while True:
-            if rt.stopping:
-                return "shutdown"
-            if not mailbox:
-                received = await self._receive(idle_deadline, 1 + rt.config.prefetch)
-                if received is None:
-                    return "shutdown"
-                if not received:
-                    if now() >= idle_deadline:
-                        return "idle"
-                    continue
-            message = mailbox.popleft()
-            if not await self._process(actor, message):
-                return "shutdown"
-            if not mailbox:  # only a receive reads it: no clock read per prefetched message
-                idle_deadline = now() + idle
-
     async def _concurrent_loop(self, actor: SessionActor[Any], concurrency: int) -> StopReason:
+        """Up to ``concurrency`` ``handle()`` calls at once (no order): a session with
+        ``per_session_concurrency > 1``, or a non-session queue.
+
+        ``concurrency`` slots, each a task running the ordered loop's steps in a cancel scope
+        of its own, share the session's mailbox: a slot takes the next message from it and
+        handles it; a slot that finds it empty receives for all (up to ``concurrency +
+        prefetch`` messages), or parks while another slot receives. Stop, grace period and
+        hand-back work per slot as in the ordered loop. A lock error in any slot ends the
+        session as lock loss; a provider failure ends it with ``"error"`` once the other
+        slots' ``handle()`` calls returned.
+        """
         rt = self.runtime
-        idle = rt.config.session_idle_timeout
-        non_session = self.session_id is None
+        slots = self._slots = [_Slot(rt) for _ in range(concurrency)]
+        pool = _Pool(slots, rt.config.session_idle_timeout, rt.now())
+        try:
+            async with trio.open_nursery() as nursery:
+                for slot in slots[1:]:
+                    nursery.start_soon(self._slot_loop, actor, slot, pool, concurrency)
+                await self._slot_loop(actor, slots[0], pool, concurrency)
+        finally:
+            self._slots = None
+        if pool.error is not None:
+            raise pool.error
+        return pool.reason or "shutdown"
+
+    async def _slot_loop(self, actor: SessionActor[Any], slot: _Slot, pool: _Pool, concurrency: int) -> None:
+        """One slot of `_concurrent_loop`; sets ``pool.reason`` when the session should end."""
+        rt = self.runtime
         mailbox = self._mailbox
-        send, receive = trio.open_memory_channel[ReceivedMessage](0)
-        busy = 0
-        interrupted = False
-
-        async def worker(channel: trio.MemoryReceiveChannel[ReceivedMessage]) -> None:
-            nonlocal busy, interrupted
-            async with channel:
-                async for message in channel:
-                    busy += 1
-                    try:
-                        if not await self._process(actor, message):
-                            interrupted = True
-                    finally:
-                        busy -= 1
-
-        reason: StopReason
-        async with trio.open_nursery() as nursery:
-            async with receive:
-                for _ in range(concurrency):
-                    nursery.start_soon(worker, receive.clone())
-            async with send:
-                idle_deadline = trio.current_time() + idle
-                while True:
-                    if rt.stopping or interrupted:
-                        reason = "shutdown"
+        lot = pool.lot
+        max_messages = concurrency + rt.config.prefetch
+        with trio.CancelScope() as scope:
+            slot._loop_scope = scope
+            slot._waiting = True
+            if self.session_id is not None:
+                slot._working = True
+            # else: each message has its own lock and its own scope (`_process_fully`).
+            try:
+                while pool.reason is None:
+                    if rt.stopping:
+                        pool.end("shutdown")
                         break
-                    if not mailbox:
-                        wait_until = math.inf if non_session else idle_deadline
-                        received = await self._receive(wait_until, concurrency + rt.config.prefetch)
-                        if received is None:
-                            reason = "shutdown"
-                            break
-                        if not received:
-                            if busy:
-                                idle_deadline = trio.current_time() + idle
-                            elif trio.current_time() >= idle_deadline:
-                                reason = "idle"
-                                break
-                            continue
-                    message = mailbox[0]
-                    with trio.CancelScope() as handoff:
-                        self._wait_scopes.add(handoff)
+                    if mailbox:
+                        message = mailbox.popleft()
+                        if lot and not pool.waking and (mailbox or not pool.receiving):
+                            # One more slot, for the rest (it wakes the next in turn), or to
+                            # receive while this one handles. One at a time: a handler that
+                            # never awaits drains the mailbox before that slot runs.
+                            pool.waking += len(lot.unpark())
+                        pool.busy += 1
                         try:
-                            await send.send(message)
+                            if not await self._process(actor, message, slot):
+                                pool.end("shutdown")
                         finally:
-                            self._wait_scopes.discard(handoff)
-                    if handoff.cancelled_caught:
-                        reason = "shutdown"
-                        break
-                    mailbox.popleft()
-                    idle_deadline = trio.current_time() + idle
-        return reason
+                            pool.busy -= 1
+                    elif pool.receiving:
+                        slot._phase = _WAITING  # stop() cancels a parked slot like a waiting one
+                        try:
+                            await lot.park()
+                        finally:
+                            slot._phase = _BUSY
+                        if pool.waking:
+                            pool.waking -= 1
+                    else:
+                        pool.receiving = True
+                        try:
+                            received = await self._receive(
+                                math.inf if self.session_id is None else pool.idle_deadline,
+                                max_messages,
+                                slot,
+                            )
+                        finally:
+                            pool.receiving = False
+                        if lot and not pool.waking:
+                            # A parked slot takes over: it handles what is left, or receives
+                            # while this one handles (nobody would receive otherwise).
+                            pool.waking += len(lot.unpark())
+                        if received is None:
+                            pool.end("shutdown")
+                        elif received or pool.busy:  # not idle while a handler runs
+                            pool.idle_deadline = rt.now() + pool.idle
+                        elif rt.now() >= pool.idle_deadline:
+                            pool.end("idle")
+            except _LockLost as lost:
+                self.lock_lost(lost.cause)  # cancels every slot; `run` reports it
+                return
+            except _SessionFailed as failed:
+                pool.fail(failed)
+                return
+            finally:
+                slot._loop_scope = None
+                slot._waiting = slot._working = False
+                slot._phase = _BUSY
+        if not scope.cancelled_caught:
+            return
+        # stop() or the session's end cancelled the slot's scope: a wait or a handle() was cut.
+        pool.end("shutdown")
+        interrupted, slot._current = slot._current, None
+        if interrupted is not None:
+            try:
+                await self._abandon(interrupted)
+            except _LockLost as lost:
+                self.lock_lost(lost.cause)
+            except _SessionFailed as failed:
+                pool.fail(failed)
 
-    async def _receive(self, idle_deadline: float, max_messages: int) -> list[ReceivedMessage] | None:
+    async def _receive(
+        self, idle_deadline: float, max_messages: int, slot: _Slot
+    ) -> list[ReceivedMessage] | None:
         """Fill the mailbox; ``[]`` on timeout, None when interrupted by a stop request."""
         rt = self.runtime
         backoff: Backoff | None = None  # built on the first error only (receive is hot)
@@ -793,7 +875,7 @@ class Session:
             if timeout <= 0 and idle_deadline != math.inf:
                 return []
             timeout = min(timeout, rt.config.receive_timeout) if timeout > 0 else rt.config.receive_timeout
-            scope = self._wait_scope()
+            scope = self._wait_scope(slot)
             if scope is None:
                 return None
             with scope:
@@ -810,35 +892,47 @@ class Session:
                     await trio.sleep(backoff.next_delay())
                     continue
                 finally:
-                    if scope is not self._waiting:
-                        self._end_wait(scope)
+                    self._end_wait(scope)
             if scope.cancelled_caught:
                 return None
-            if not received and rt.observing():  # an empty long poll is a receive call too
-                self._received(received, rt.now() - started)
-            if received:
-                self._quiet = quiet = not rt.observing()
-                if not quiet:
-                    self._received(received, rt.now() - started)
-                rt.counters.received += len(received)
-                self.received += len(received)
-                self._mailbox.extend(received)
-                if self.session_id is None:
-                    for message in received:
-                        lock = _MessageLock(self, message)
-                        self._message_locks[message.receipt] = lock
-                        rt.renewer.track(lock)
-                elif (
-                    self.receiver.locked_until != self._tracked_until
-                    or self.renew_generation != self._tracked_generation
-                ):
-                    # Re-schedule renewal only when the lock deadline moved (or renewal was
-                    # re-scheduled elsewhere): the current entry is still right otherwise, and
-                    # a push per receive filled the heap with stale entries.
-                    rt.renewer.track(self)
-                    self._tracked_generation = self.renew_generation
-                    self._tracked_until = self.receiver.locked_until
+            self._took(received, started)
             return received
+
+    def _took(self, received: list[ReceivedMessage], started: float) -> None:
+        """After a receive that began at ``started``: report it (an empty long poll is a
+        receive call too), put the messages in the mailbox, count them and keep their locks
+        renewed. The one copy of this for both loops."""
+        rt = self.runtime
+        if not received:
+            if rt.observing():
+                self._received(received, rt.now() - started)
+            return
+        self._quiet = quiet = not rt.observing()
+        if quiet:
+            self._timed = False
+        else:
+            # Tracing alone needs no counts or durations: a message's spans time themselves.
+            self._timed = timed = rt.timing()
+            if timed or self._receive_spans or rt.own_message_hooks:
+                self._received(received, rt.now() - started)
+        rt.counters.received += len(received)
+        self.received += len(received)
+        self._mailbox.extend(received)
+        if self.session_id is None:
+            for message in received:
+                lock = _MessageLock(self, message)
+                self._message_locks[message.receipt] = lock
+                rt.renewer.track(lock)
+        elif (
+            self.receiver.locked_until != self._tracked_until
+            or self.renew_generation != self._tracked_generation
+        ):
+            # Re-schedule renewal only when the lock deadline moved (or renewal was re-scheduled
+            # elsewhere): the current entry is still right otherwise, and a push per receive
+            # filled the heap with stale entries.
+            rt.renewer.track(self)
+            self._tracked_generation = self.renew_generation
+            self._tracked_until = self.receiver.locked_until
 
     def _may_receive_again(self, error: QueueError) -> bool:
         """Whether receiving again on this receiver after ``error`` keeps the session's order.
@@ -861,54 +955,64 @@ class Session:
             raise _SessionFailed(error, reported=True) from None
         if self._receive_backoff is None:
             self._receive_backoff = Backoff(initial=0.2, maximum=5.0)
-        return await self._backoff(self._receive_backoff.next_delay())
+        return await self._backoff(self._receive_backoff.next_delay(), self)
 
-    def _wait_scope(self) -> trio.CancelScope | _Phase | None:
-        """Where a wait runs; None when a stop request already came (do not wait)."""
-        if self._waiting is not None:
+    def _wait_scope(self, slot: Session | _Slot) -> trio.CancelScope | _Phase | None:
+        """Where a wait of ``slot`` runs; None when a stop request already came (do not wait)."""
+        if slot._waiting:
             if self.runtime.stopping:
                 return None
-            return self._waiting
+            return _Phase(slot, _WAITING)
+        scope = self._add_wait_scope()
+        return scope
+
+    def _add_wait_scope(self) -> trio.CancelScope:
         scope = trio.CancelScope()
+        if self._wait_scopes is None:
+            self._wait_scopes = set()
         self._wait_scopes.add(scope)
         if self.runtime.stopping:
             scope.cancel()
         return scope
 
     def _end_wait(self, scope: trio.CancelScope | _Phase) -> None:
-        if isinstance(scope, trio.CancelScope):
+        if isinstance(scope, trio.CancelScope) and self._wait_scopes is not None:
             self._wait_scopes.discard(scope)
 
     # -- one message -------------------------------------------------------------------------
-    async def _process(self, actor: SessionActor[Any], message: ReceivedMessage) -> bool:
-        """Handle one message to settlement. False when a stop interrupted it (handed back).
+    async def _process(
+        self, actor: SessionActor[Any], message: ReceivedMessage, slot: Session | _Slot
+    ) -> bool:
+        """Handle one message to settlement in ``slot`` (the session itself in the ordered
+        loop). False when a stop interrupted it (handed back).
 
-        The first attempt of an ordered session's message without spans runs here with as few
-        steps as it needs (the path of nearly every message); anything else, and whatever the
-        first attempt did other than return, goes on in `_process_fully`.
+        The first attempt of a session's message without spans runs here with as few steps as
+        it needs (the path of nearly every message); anything else, and whatever the first
+        attempt did other than return, goes on in `_process_fully`.
         """
         rt = self.runtime
-        quiet = self._quiet
-        if self._working is None or rt.stopping or (not quiet and self._traced(message)):
-            return await self._process_fully(actor, message)
+        if not slot._working or rt.stopping or (self._spans_on and self._traced(message)):
+            return await self._process_fully(actor, message, slot)
         limit = rt.config.max_delivery_count
         if limit is not None and message.delivery_count > limit:
-            return await self._process_fully(actor, message)
+            return await self._process_fully(actor, message, slot)
         inner = message.message
         try:
             body = rt.decode(inner.body, inner.content_type)
         except DecodeError:
-            return await self._process_fully(actor, message)  # decodes again, dead-letters
+            return await self._process_fully(actor, message, slot)  # decodes again, dead-letters
         now = rt.now()
         until = self.receiver.locked_until
         if until is not None and until - rt.lock_margin <= now:
             raise _LockLost(self._too_late(until))
-        context = _DeliveredContext(message, 1, self._dead_letter_bound, self._renew_bound)
-        self._current = message
-        self.busy_since = now
-        self._phase = _WORKING  # what `self._working` marks (see stop()), without its calls
+        context = _DeliveredContext(message, 1, self)
+        slot._current = message
+        slot._busy_since = now
+        slot._phase = _WORKING  # what `slot._working` marks (see stop()), without its calls
         failure: Exception | None = None
-        started = 0.0 if quiet else perf_counter()  # durations for the metrics (no trio clock)
+        # Untraced here: only counts and durations (metrics, message logs) may be wanted.
+        timed = self._timed
+        started = perf_counter() if timed else 0.0  # durations for the metrics (no trio clock)
         handled = 0.0
         try:
             await actor.handle(body, context)
@@ -917,18 +1021,18 @@ class Session:
         except Exception as error:  # (trio.Cancelled is not one: `_current` stays for the loop)
             failure = error
         finally:
-            self._phase = _BUSY
-            self.busy_since = None
-            if not quiet:
+            slot._phase = _BUSY
+            slot._busy_since = None
+            if timed:
                 ended = perf_counter()
                 started, handled = ended, ended - started  # `started`: of the complete call now
-            if self.runtime.stopping and self._loop_scope is not None:
+            if self.runtime.stopping and slot._loop_scope is not None:
                 # stop() came while handle() ran: settling must not be cut short.
-                self._loop_scope.deadline = math.inf
+                slot._loop_scope.deadline = math.inf
         if failure is not None:  # DeadLetter, or an error to retry
-            if not quiet:
+            if timed:
                 rt.telemetry.handled(handled)
-            return await self._process_fully(actor, message, first=(body, context, failure))
+            return await self._process_fully(actor, message, slot, first=(body, context, failure))
         if not context.settled:
             try:
                 await self.receiver.complete(message)
@@ -936,25 +1040,26 @@ class Session:
                 receiver = self.receiver
                 await self._settle("complete", lambda: receiver.complete(message), message, error)
             rt.counters.completed += 1
-            if not quiet:
+            if timed:
                 if rt.own_handled:  # a Telemetry subclass with its own hooks: the two calls
                     rt.telemetry.handled(handled)
                     rt.telemetry.message_completed(message, seconds=perf_counter() - started)
                 else:
                     rt.telemetry.message_completed(message, seconds=perf_counter() - started, handled=handled)
-        elif not quiet:
+        elif timed:
             rt.telemetry.handled(handled)
-        self._current = None
+        slot._current = None
         return True
 
     def _received(self, received: list[ReceivedMessage], seconds: float) -> None:
-        """Report a receive call (asked only while observing). Under an unsampled session span
-        the receive span would be dropped: say so, which spares the sampling question."""
+        """Report a receive call (asked only while observing). With tracing off when the
+        session started, or under an unsampled session span, there is no receive span to make:
+        say so, which spares the tracing and sampling questions."""
         rt = self.runtime
-        if self._children_dropped and not rt.own_message_hooks:
-            rt.telemetry.messages_received(received, seconds=seconds, span=False)
-        else:
+        if rt.own_message_hooks:  # a subclass's hook, perhaps without ``span``
             rt.telemetry.messages_received(received, seconds=seconds)
+        else:
+            rt.telemetry.messages_received(received, seconds=seconds, span=self._receive_spans)
 
     def _traced(self, message: ReceivedMessage) -> bool:
         """Whether ``message`` gets spans (asked only while observing): a Telemetry subclass
@@ -973,6 +1078,7 @@ class Session:
         self,
         actor: SessionActor[Any],
         message: ReceivedMessage,
+        slot: Session | _Slot,
         first: tuple[Any, MessageContext, Exception] | None = None,
     ) -> bool:
         """`_process` with every case: any concurrency, telemetry, the delivery limit, decode
@@ -985,7 +1091,7 @@ class Session:
         lock = self._message_locks.get(message.receipt) if self.session_id is None else None
         quiet = self._quiet
         traced = not quiet and self._traced(message)
-        self._current = message
+        slot._current = message
         cancelled = False
         try:
             if first is None:
@@ -1030,15 +1136,17 @@ class Session:
                         until = receiver.locked_until
                         if until is not None and until - rt.lock_margin <= now:
                             raise _LockLost(self._too_late(until))
-                    context = _DeliveredContext(message, attempt, self._dead_letter_bound, self._renew_bound)
+                    context = _DeliveredContext(message, attempt, self)
                     self.attempt = attempt
-                    self.busy_since = now
+                    slot._busy_since = now
                     if lock is not None:
                         lock.busy_since = now
-                    if self._working is not None:
-                        work = self._working  # the loop's scope stands in (see stop())
+                    if slot._working:
+                        work = _Phase(slot, _WORKING)  # the loop's scope stands in (see stop())
                     else:
                         work = trio.CancelScope(deadline=rt.grace_deadline)
+                        if self._work_scopes is None:
+                            self._work_scopes = set()
                         self._work_scopes.add(work)
                         if lock is not None:
                             lock.scope = work
@@ -1065,9 +1173,9 @@ class Session:
                         except Exception as error:
                             failure = error
                         finally:
-                            if isinstance(work, trio.CancelScope):
+                            if isinstance(work, trio.CancelScope) and self._work_scopes is not None:
                                 self._work_scopes.discard(work)
-                            self.busy_since = None
+                            slot._busy_since = None
                             if lock is not None:
                                 lock.busy_since = None
                                 lock.scope = None
@@ -1113,7 +1221,7 @@ class Session:
                 telemetry.retry_attempt(message, attempt, failure)
                 delay = config.retry.delay(attempt - 1)
                 self.retry_at = rt.now() + delay  # (the retry path only)
-                if not await self._backoff(delay):
+                if not await self._backoff(delay, slot):
                     await self._abandon(message)
                     return False
         except trio.Cancelled:
@@ -1121,7 +1229,7 @@ class Session:
             raise
         finally:
             if not cancelled:
-                self._current = None
+                slot._current = None
             self.attempt, self.retry_at = 1, None
             if lock is not None:
                 rt.renewer.untrack(lock)
@@ -1138,9 +1246,9 @@ class Session:
         )
         return MessageLockLost(text) if message is not None else SessionLockLost(text)
 
-    async def _backoff(self, delay: float) -> bool:
+    async def _backoff(self, delay: float, slot: Session | _Slot) -> bool:
         """Sleep before a retry; False when a stop request interrupted the wait."""
-        scope = self._wait_scope()
+        scope = self._wait_scope(slot)
         if scope is None:
             return False
         with scope:
@@ -1238,7 +1346,7 @@ class _Phase:
 
     cancelled_caught = False
 
-    def __init__(self, session: Session, phase: int) -> None:
+    def __init__(self, session: Session | _Slot, phase: int) -> None:
         self._session = session
         self._phase = phase
 
@@ -1255,6 +1363,63 @@ class _Phase:
             # handle() is over: settling it must not be cut short by the grace deadline.
             session._loop_scope.deadline = math.inf
         session._phase = _BUSY
+
+
+class _Slot:
+    """One handler slot of `Session._concurrent_loop`: the fields the ordered loop keeps on
+    the session itself (its scope, phase, markers, message in hand, ``handle()`` start)."""
+
+    __slots__ = ("_busy_since", "_current", "_loop_scope", "_phase", "_waiting", "_working", "runtime")
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self._loop_scope: trio.CancelScope | None = None
+        self._waiting = False
+        self._working = False
+        self._phase = _BUSY
+        self._current: ReceivedMessage | None = None
+        self._busy_since: float | None = None
+
+
+class _Pool:
+    """What the slots of one concurrent session share."""
+
+    __slots__ = ("busy", "error", "idle", "idle_deadline", "lot", "reason", "receiving", "slots", "waking")
+
+    def __init__(self, slots: list[_Slot], idle: float, now: float) -> None:
+        self.slots = slots
+        self.idle = idle
+        self.idle_deadline = now + idle
+        self.reason: StopReason | None = None
+        self.error: _SessionFailed | None = None
+        self.busy = 0  # slots handling a message
+        self.receiving = False  # a slot is receiving for all
+        self.lot = trio.lowlevel.ParkingLot()  # slots waiting for that receive
+        self.waking = 0  # slots unparked that have not run yet
+
+    def end(self, reason: StopReason) -> None:
+        """End the session: slots stop waiting now and take no new message."""
+        if self.reason is None:
+            self.reason = reason
+        for slot in self.slots:
+            if slot._phase == _WAITING and slot._loop_scope is not None:
+                slot._loop_scope.cancel()
+
+    def fail(self, failed: _SessionFailed) -> None:
+        if self.error is None:
+            self.error = failed
+        self.end("error")
+
+
+def _interrupt(slot: Session | _Slot) -> None:
+    """`Session.stop` for one loop: cancel it while it waits; while ``handle()`` runs, give
+    it the grace deadline."""
+    loop_scope = slot._loop_scope
+    if loop_scope is not None:
+        if slot._phase == _WAITING:
+            loop_scope.cancel()
+        elif slot._phase == _WORKING:
+            loop_scope.deadline = slot.runtime.grace_deadline
 
 
 async def _retry_settle(

@@ -27,6 +27,7 @@ import trio
 
 from .actor import SessionActor
 from .config import SupervisorConfig
+from .counters import Counters
 from .errors import ConfigurationError, QueueError
 from .introspection import WorkerSnapshot
 from .providers.base import Provider, QueueInfo
@@ -65,33 +66,6 @@ class SupervisorStats(msgspec.Struct, frozen=True, kw_only=True):
     circuit: str
     """``"closed"``, ``"open"`` or ``"half_open"``."""
     draining: bool
-
-
-class Counters:
-    """Mutable counters shared by the supervisor's sessions (one trio thread: no locks)."""
-
-    __slots__ = (
-        "abandoned",
-        "completed",
-        "dead_lettered",
-        "failed_attempts",
-        "lock_lost",
-        "lock_renewals",
-        "received",
-        "retries",
-        "sessions_started",
-    )
-
-    def __init__(self) -> None:
-        self.sessions_started = 0
-        self.received = 0
-        self.completed = 0
-        self.dead_lettered = 0
-        self.failed_attempts = 0
-        self.retries = 0
-        self.abandoned = 0
-        self.lock_renewals = 0
-        self.lock_lost = 0
 
 
 class Supervisor:
@@ -137,6 +111,9 @@ class Supervisor:
             breaker=self._breaker,
         )
         self._slots = trio.Semaphore(config.max_concurrent_sessions)
+        # Bound once: each live session keeps its ``on_exit``, and one shared object is less
+        # for the garbage collector than one per session.
+        self._release_slot = self._slots.release
         self._accept_scopes: set[trio.CancelScope] = set()
         self._serving = False
         self._accepting = False
@@ -283,7 +260,7 @@ class Supervisor:
                         backoff.reset()
                         if receiver is None:
                             continue
-                        session = Session(self._runtime, receiver, on_exit=self._slots.release)
+                        session = Session(self._runtime, receiver, on_exit=self._release_slot)
                         sessions.start_soon(session.run)
                         handed_over = True
                     finally:

@@ -387,6 +387,14 @@ def observed() -> bool:
     return logger.isEnabledFor(MESSAGE_EVENT_LEVEL)
 
 
+def timed() -> bool:
+    """Whether a message's counts and durations would be seen now: metrics on, or
+    message-level logging (its lines carry durations). Tracing alone does not need them."""
+    if _metrics_on or metrics_enabled():
+        return True
+    return logger.isEnabledFor(MESSAGE_EVENT_LEVEL)
+
+
 def tracing_enabled() -> bool:
     """False while no tracer provider is installed: span helpers then do nothing at all.
 
@@ -661,11 +669,7 @@ class Telemetry:
         when ``handled`` is given, the ``handle()`` call's duration as `handled` records it
         (one call per message instead of two)."""
         if _metrics_on:
-            tally = self.tally
-            tally.completed += 1
-            tally.complete_duration.record(seconds)
-            if handled is not None:
-                tally.process_duration.record(handled)
+            self.tally.message_completed(seconds, handled)
         if logger.isEnabledFor(MESSAGE_EVENT_LEVEL):
             self.log(MESSAGE_EVENT_LEVEL, "completed", operation="complete", message=message,
                      duration_ms=round(seconds * 1000, 3))  # fmt: skip

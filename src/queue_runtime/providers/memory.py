@@ -104,12 +104,16 @@ def _copy(message: Message) -> Message:
     return duplicate
 
 
-class _Rec(msgspec.Struct, eq=False):
+class _Rec(msgspec.Struct, eq=False, gc=False):
     """One stored message and its broker-side bookkeeping. (A struct: one is made per message
-    sent, and msgspec builds it with its defaults in C, a fraction of an ``__init__``.)"""
+    sent, and msgspec builds it with its defaults in C, a fraction of an ``__init__``.)
+
+    It names its session by id (`InMemoryProvider._session_of`) rather than refer to it: with
+    no reference back, a record can be in no reference cycle, so it is not tracked by the
+    garbage collector, whose full collections would otherwise walk every stored message."""
 
     message: Message
-    session: _Session | None
+    session_id: str | None
     seq: int = 0
     state: _State = "pending"
     delivery_count: int = 0
@@ -788,8 +792,8 @@ class InMemoryProvider(Provider):
             if kind == "activate":
                 rec = payload
                 queue.n_scheduled -= 1
-                if rec.session is not None:
-                    rec.session.scheduled -= 1
+                if rec.session_id is not None:
+                    queue.sessions[rec.session_id].scheduled -= 1
                 self._make_available(queue, rec, now, enqueued_at=rec.due)
             elif kind == "visible":
                 rec = payload
@@ -806,9 +810,10 @@ class InMemoryProvider(Provider):
                 self._release_session(queue, session, now)
             elif kind == "ttl":
                 rec = payload
+                session = self._session_of(queue, rec)
                 self._expire(queue, rec)
-                if rec.session is not None:
-                    self._session_changed(queue, rec.session, now)
+                if session is not None:
+                    self._session_changed(queue, session, now)
             elif kind == "shead":
                 self._session_changed(queue, payload, now)
 
@@ -827,7 +832,7 @@ class InMemoryProvider(Provider):
             # As on Service Bus, a scheduled message's time to live starts when it is enqueued.
             rec.expires_at = enqueued_at + rec.message.time_to_live
             self._timer(queue, rec.expires_at, "ttl", rec)
-        session = rec.session
+        session = self._session_of(queue, rec)
         if session is None:
             heapq.heappush(queue.pending, (rec.seq, rec))
             queue.waiters.notify()
@@ -838,10 +843,10 @@ class InMemoryProvider(Provider):
 
     def _unlock(self, queue: _Queue, rec: _Rec) -> None:
         if rec.lock_token is not None:
-            if rec.session is None:
+            if rec.session_id is None:
                 queue.locked.pop(rec.lock_token, None)
             else:
-                rec.session.in_flight.pop(rec.lock_token, None)
+                queue.sessions[rec.session_id].in_flight.pop(rec.lock_token, None)
         rec.lock_token = None
         rec.locked_until = None
         rec.state = "pending"  # in transit: the caller returns, removes or dead-letters it
@@ -849,6 +854,7 @@ class InMemoryProvider(Provider):
 
     def _return(self, queue: _Queue, rec: _Rec, now: float, *, delay: float | None) -> None:
         """Put a message that was delivered (and is now unlocked) back, or dead-letter it."""
+        session = self._session_of(queue, rec)
         if queue.max_delivery_count is not None and rec.delivery_count >= queue.max_delivery_count:
             self._to_dead_letter(
                 queue,
@@ -857,15 +863,14 @@ class InMemoryProvider(Provider):
                 f"delivered {rec.delivery_count} times; the queue's max_delivery_count is"
                 f" {queue.max_delivery_count}",
             )
-            if rec.session is not None:
-                self._session_changed(queue, rec.session, now)
+            if session is not None:
+                self._session_changed(queue, session, now)
             return
         if rec.expires_at is not None and rec.expires_at <= now:
             self._expire(queue, rec)
-            if rec.session is not None:
-                self._session_changed(queue, rec.session, now)
+            if session is not None:
+                self._session_changed(queue, session, now)
             return
-        session = rec.session
         visible_at = now + delay if delay else now
         rec.visible_at = visible_at
         if session is None:
@@ -920,6 +925,11 @@ class InMemoryProvider(Provider):
         self._remove(queue, rec)
 
     # -- sessions --------------------------------------------------------------------------
+    @staticmethod
+    def _session_of(queue: _Queue, rec: _Rec) -> _Session | None:
+        """``rec``'s session (a session is forgotten only once no message refers to it)."""
+        return queue.sessions[rec.session_id] if rec.session_id is not None else None
+
     def _head(self, session: _Session) -> _Rec | None:
         pending = session.pending
         while pending and pending[0][1].state != "pending":
@@ -1091,7 +1101,7 @@ class InMemoryProvider(Provider):
                 and message.time_to_live is None
             ):
                 # `_make_available` for the common case, inlined (once per message sent).
-                rec = _Rec(stored, session, next(self._seq), "pending", 0, now, 0.0, now)
+                rec = _Rec(stored, session.id, next(self._seq), "pending", 0, now, 0.0, now)
                 q.live[rec.seq] = rec
                 hand_over = touched.get(session, _UNSEEN)
                 if hand_over is _UNSEEN:
@@ -1106,7 +1116,7 @@ class InMemoryProvider(Provider):
                 else:
                     heapq.heappush(session.pending, (rec.seq, rec))
                 continue
-            rec = _Rec(stored, session)
+            rec = _Rec(stored, session.id if session is not None else None)
             due = (
                 self._to_trio(message.scheduled_enqueue_time)
                 if message.scheduled_enqueue_time is not None
