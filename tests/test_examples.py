@@ -42,3 +42,19 @@ async def test_webhooks_example_retries_flaky_ci_without_reordering(autojump_clo
         assert [c.outcome for c in harness.attempts(first)] == ["raised", "raised", "returned"]
     assert ci.builds == [(pr, "sha-1"), (pr, "sha-2")]
     assert [d.reason for d in harness.dead_lettered] == ["PullRequestNotOpen"]
+
+
+def test_the_concurrency_example_in_docs_actors_md_runs_as_written() -> None:
+    """The ``per_session_concurrency`` example of docs/actors.md, run as it stands there
+    (in a fresh interpreter: it calls ``trio.run`` itself); its own asserts check the timing."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "actors.md").read_text(encoding="utf-8")
+    section = text[text.index("## Concurrency within a session") :]
+    block = re.search(r"```python\n(.*?)```", section, re.S)
+    assert block is not None
+    done = subprocess.run([sys.executable, "-c", block.group(1)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
