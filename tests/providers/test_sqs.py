@@ -349,15 +349,21 @@ def strict_sqs() -> Any:
         server.stop()
 
 
+async def strict_fifo_queue(provider: SqsProvider) -> str:
+    """A fresh FIFO queue with the short `VISIBILITY` timeout (on the strict server)."""
+    queue = f"t-{uuid.uuid4().hex[:12]}.fifo"
+    attributes = {"FifoQueue": "true", "VisibilityTimeout": str(VISIBILITY)}
+    await provider._call("create_queue", None, QueueName=queue, Attributes=attributes)
+    return queue
+
+
 async def test_messages_that_lapsed_before_their_answer_arrived_are_dropped(
     strict_sqs: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with SqsProvider(
         endpoint_url=strict_sqs, region=REGION, visibility_timeout=None, **CREDENTIALS
     ) as provider:
-        queue = f"t-{uuid.uuid4().hex[:12]}.fifo"
-        attributes = {"FifoQueue": "true", "VisibilityTimeout": str(VISIBILITY)}
-        await provider._call("create_queue", None, QueueName=queue, Attributes=attributes)
+        queue = await strict_fifo_queue(provider)
         await provider.send(queue, group_messages("d", 1))
         receive_raw = provider._receive_raw
         delays = [VISIBILITY + 0.5]
@@ -386,9 +392,7 @@ async def test_when_message_k_lapsed_on_the_way_the_later_ones_of_its_group_are_
     async with SqsProvider(
         endpoint_url=strict_sqs, region=REGION, visibility_timeout=None, **CREDENTIALS
     ) as provider:
-        queue = f"t-{uuid.uuid4().hex[:12]}.fifo"
-        attributes = {"FifoQueue": "true", "VisibilityTimeout": str(VISIBILITY)}
-        await provider._call("create_queue", None, QueueName=queue, Attributes=attributes)
+        queue = await strict_fifo_queue(provider)
         await provider.send(queue, group_messages("p", 3))
         receive_raw = provider._receive_raw
         late = [True]
