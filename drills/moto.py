@@ -65,9 +65,8 @@ main(sys.argv[1:])
 # or (FIFO) on a message no longer in flight, fails with ReceiptHandleIsInvalid. And moto let a
 # visibility change make a lapsed message invisible again without putting it back in flight, so
 # its group was not blocked and FIFO handed out message k+1 while k was hidden: a message made
-# invisible is in flight again here.
-_STRICT_BOOT = """
-import sys
+# invisible is in flight again here. Each of these calls sees one instant (see ``_one_instant``).
+_STRICT_PATCHES = """
 import threading
 import time
 
@@ -78,11 +77,36 @@ _receive = models.SQSBackend.receive_message
 _delete = models.SQSBackend.delete_message
 _change = models.SQSBackend.change_message_visibility
 
+# One instant per call: moto reads the clock afresh for every message it looks at, so a message
+# lapsing in the middle of a receive was seen as in flight by one step and as visible by the
+# next (the group counted as blocked when message k was considered, free again by the time it
+# reached k+1, which it then delivered first). SQS decides a receive at one instant.
+_clock = models.unix_time_millis
+_call = threading.local()
+
+
+def _now_ms():
+    frozen = getattr(_call, "now", None)
+    return _clock() if frozen is None else frozen
+
+
+models.unix_time_millis = _now_ms
+
+
+class _one_instant:
+    def __enter__(self):
+        _lock.acquire()
+        _call.now = _clock()
+
+    def __exit__(self, *exc_info):
+        _call.now = None
+        _lock.release()
+
 
 def receive_message(self, queue_name, count, wait_seconds_timeout, visibility_timeout, *args, **kwargs):
     deadline = time.time() + float(wait_seconds_timeout or 0)
     while True:
-        with _lock:
+        with _one_instant():
             queue = self.get_queue(queue_name)
             for message in list(queue.pending_messages):
                 if message.visible:
@@ -104,7 +128,7 @@ def _expired(self, queue_name, receipt_handle):
 
 
 def delete_message(self, queue_name, receipt_handle):
-    with _lock:
+    with _one_instant():
         stale, lapsed, fifo = _expired(self, queue_name, receipt_handle)
         if fifo and (stale or lapsed):
             raise models.ReceiptHandleIsInvalid()  # FIFO: "The receipt handle has expired"
@@ -114,7 +138,7 @@ def delete_message(self, queue_name, receipt_handle):
 
 
 def change_message_visibility(self, queue_name, receipt_handle, visibility_timeout):
-    with _lock:
+    with _one_instant():
         stale, lapsed, fifo = _expired(self, queue_name, receipt_handle)
         if stale or (fifo and lapsed):
             raise models.ReceiptHandleIsInvalid()  # SQS: stale handle / MessageNotInflight
@@ -129,10 +153,16 @@ def change_message_visibility(self, queue_name, receipt_handle, visibility_timeo
 models.SQSBackend.receive_message = receive_message
 models.SQSBackend.delete_message = delete_message
 models.SQSBackend.change_message_visibility = change_message_visibility
+"""
 
+_STRICT_BOOT = (
+    "import sys\n"
+    + _STRICT_PATCHES
+    + """
 from moto.server import main
 main(sys.argv[1:])
 """
+)
 
 
 def _free_port() -> int:

@@ -22,7 +22,7 @@ import trio
 
 from drills.checks import Violation, check_calls
 from drills.faults import QUICK, SCENARIOS, Drill
-from drills.moto import StrictMotoServer
+from drills.moto import _STRICT_PATCHES, StrictMotoServer
 from drills.proxy import FaultProxy, Faults, ProxyProcess
 from drills.recorder import Call, read_calls
 from queue_runtime import Message
@@ -420,6 +420,62 @@ def test_strict_moto_server_honours_only_live_fifo_receipt_handles() -> None:
             sqs.change_message_visibility(QueueUrl=url, ReceiptHandle=late, VisibilityTimeout=30)
     finally:
         server.stop()
+
+
+class _Clock:
+    """moto's millisecond clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.ms = float(int(time.time() * 1000))
+
+    def __call__(self) -> float:
+        return self.ms
+
+
+@pytest.fixture
+def strict_moto_in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, _Clock, dict[str, Any]]]:
+    """moto's SQS backend in this process with the strict server's patches, on a hand-moved
+    clock: (backend, clock, the patches' namespace). Everything patched is restored after."""
+    from moto.sqs import models
+
+    for name in ("receive_message", "delete_message", "change_message_visibility"):
+        monkeypatch.setattr(models.SQSBackend, name, getattr(models.SQSBackend, name))
+    clock = _Clock()
+    monkeypatch.setattr(models, "unix_time_millis", clock)
+    namespace: dict[str, Any] = {}
+    exec(_STRICT_PATCHES, namespace)
+    yield models.sqs_backends["123456789012"][REGION], clock, namespace
+
+
+def test_strict_moto_server_decides_a_receive_at_one_instant(
+    strict_moto_in_process: tuple[Any, _Clock, dict[str, Any]],
+) -> None:
+    """Messages 0 and 1 of a group received together lapse a millisecond apart. A receive that
+    starts between the two lapses and runs past the second must not hand out 1 while skipping
+    0 (seen in a kill9 drill as a gap: message 1 handled before message 0)."""
+    backend, clock, namespace = strict_moto_in_process
+    name = f"instant-{uuid.uuid4().hex[:8]}.fifo"
+    backend.create_queue(name, FifoQueue="true", VisibilityTimeout="4")
+    for seq in range(2):
+        backend.send_message(name, f"m{seq}", group_id="g", deduplication_id=str(seq))
+    first = backend.receive_message(name, 10, 0, 4)
+    assert [m.body for m in first] == ["m0", "m1"]
+    queue = backend.get_queue(name)
+    message_1 = next(m for m in queue._messages if m.body == "m1")
+    message_1.visible_at += 2  # marked received 2 ms after message 0
+
+    receive = namespace["_receive"]
+
+    def slow_receive(*args: Any, **kwargs: Any) -> Any:
+        clock.ms += 3  # time passes inside the call (another thread held the GIL)
+        return receive(*args, **kwargs)
+
+    namespace["_receive"] = slow_receive
+    clock.ms += 4000 + 1  # message 0 lapsed, message 1 lapses during the receive
+    second = [m.body for m in backend.receive_message(name, 10, 0, 4)]
+    assert second in ([], ["m0", "m1"]), f"FIFO order broken: {second}"
+    clock.ms += 10
+    assert [m.body for m in backend.receive_message(name, 10, 0, 4)] in (["m0", "m1"], [])
 
 
 # -- a quick round of the drills ---------------------------------------------------------------
