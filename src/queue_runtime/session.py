@@ -50,7 +50,8 @@ from .message import ReceivedMessage
 from .providers.base import Receiver
 from .redaction import redact
 from .retry import Backoff, CircuitBreaker, call_with_retry
-from .telemetry import Telemetry, observed, timed, tracing_enabled
+from .tally import QueueTally
+from .telemetry import Telemetry, observed, tracing_enabled
 
 __all__ = ["LockRenewer", "Runtime", "Session"]
 
@@ -317,7 +318,7 @@ class Runtime:
         #: Whether a message's counts and durations would be seen now (metrics, message logs):
         #: asked per receive while `observing`; untraced messages skip their clock reads and
         #: hooks otherwise.
-        self.timing: Callable[[], bool] = _always if self.own_message_hooks else timed
+        self.timing: Callable[[], QueueTally | bool] = _always if self.own_message_hooks else telemetry.timing
         self.counters = counters
         self.renewer = renewer
         self.breaker = breaker
@@ -466,7 +467,7 @@ class Session:
         self._tracked_until: float | None = None
         self._receive_backoff: Backoff | None = None  # while receives fail in a row
         self._quiet = False  # `not Runtime.observing()`, as of the last receive
-        self._timed = True  # `Runtime.timing()` (counts and durations wanted), as of then too
+        self._timed: QueueTally | bool = True  # `Runtime.timing()`, as of then too
         #: Whether spans under the session span are all dropped (tracing off, or the session
         #: span unsampled under a parent-based sampler): then only messages that carry their
         #: own trace context get spans. Set when the session span opens.
@@ -913,7 +914,9 @@ class Session:
         else:
             # Tracing alone needs no counts or durations: a message's spans time themselves.
             self._timed = timed = rt.timing()
-            if timed or self._receive_spans or rt.own_message_hooks:
+            if timed is not True and timed and not self._receive_spans:  # metrics only: the tally
+                timed.messages_received(len(received), rt.now() - started)
+            elif timed or self._receive_spans or rt.own_message_hooks:
                 self._received(received, rt.now() - started)
         rt.counters.received += len(received)
         self.received += len(received)
@@ -1041,7 +1044,9 @@ class Session:
                 await self._settle("complete", lambda: receiver.complete(message), message, error)
             rt.counters.completed += 1
             if timed:
-                if rt.own_handled:  # a Telemetry subclass with its own hooks: the two calls
+                if timed is not True:  # metrics only: straight into the tally
+                    timed.message_completed(perf_counter() - started, handled)
+                elif rt.own_handled:  # a Telemetry subclass with its own hooks: the two calls
                     rt.telemetry.handled(handled)
                     rt.telemetry.message_completed(message, seconds=perf_counter() - started)
                 else:

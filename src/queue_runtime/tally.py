@@ -183,6 +183,11 @@ class QueueTally:
         self.session_duration: BucketHistogram | _Forwarding = BucketHistogram(SESSION_BUCKETS)
         self._buffered = True  # the histograms are `BucketHistogram`s (not forwarding)
 
+    def messages_received(self, count: int, seconds: float) -> None:
+        """One receive call: ``received`` += ``count`` and its duration (empty polls too)."""
+        self.received += count
+        self.receive_duration.record(seconds)
+
     def message_completed(self, seconds: float, handled: float | None) -> None:
         """One completed message: ``completed`` += 1, its complete call's duration and, when
         given, its ``handle()`` duration. The per-message path: the two values go straight

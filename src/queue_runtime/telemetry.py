@@ -628,9 +628,7 @@ class Telemetry:
         ``seconds``, linked to each message's producer context (unless ``span`` is False: the
         caller knows it would be dropped), and a DEBUG line per message."""
         if _metrics_on:  # (set as soon as a meter provider is: see `_Instruments`)
-            tally = self.tally
-            tally.received += len(messages)
-            tally.receive_duration.record(seconds)
+            self.tally.messages_received(len(messages), seconds)
         if span and messages and (_tracing_on or tracing_enabled()) and self._unsampled(None) is False:
             self._receive_span(messages, seconds)
         if messages and logger.isEnabledFor(MESSAGE_EVENT_LEVEL):
@@ -661,6 +659,18 @@ class Telemetry:
             start_time=end - int(seconds * 1e9),
         )
         span.end(end_time=end)
+
+    def timing(self) -> QueueTally | bool:
+        """Whether a message's counts and durations would be seen now (`timed`), asked once per
+        receive. With metrics on and message logs off, the answer is the queue's tally: the
+        session records receives and completions straight into it
+        (`QueueTally.messages_received`, `QueueTally.message_completed`) instead of calling
+        `messages_received` and `message_completed`, which would do just that."""
+        if not timed():
+            return False
+        if _metrics_on and not logger.isEnabledFor(MESSAGE_EVENT_LEVEL):
+            return self.tally
+        return True
 
     def message_completed(
         self, message: ReceivedMessage, *, seconds: float, handled: float | None = None
