@@ -143,7 +143,9 @@ class QueueTally:
     attributes named after their metric (``process_duration``, ...)."""
 
     __slots__ = (
-        "_buffered",
+        "_complete_pending",
+        "_process_pending",
+        "_receive_pending",
         "abandoned",
         "complete_duration",
         "completed",
@@ -177,16 +179,27 @@ class QueueTally:
         self.sessions_completed: dict[str, int] = {}
         self.sessions_abandoned: dict[str, int] = {}
         self.send_duration: BucketHistogram | _Forwarding = BucketHistogram(LATENCY_BUCKETS)
-        self.receive_duration: BucketHistogram | _Forwarding = BucketHistogram(LATENCY_BUCKETS)
-        self.complete_duration: BucketHistogram | _Forwarding = BucketHistogram(LATENCY_BUCKETS)
-        self.process_duration: BucketHistogram | _Forwarding = BucketHistogram(LATENCY_BUCKETS)
+        receive, complete, process = (BucketHistogram(LATENCY_BUCKETS) for _ in range(3))
+        self.receive_duration: BucketHistogram | _Forwarding = receive
+        self.complete_duration: BucketHistogram | _Forwarding = complete
+        self.process_duration: BucketHistogram | _Forwarding = process
         self.session_duration: BucketHistogram | _Forwarding = BucketHistogram(SESSION_BUCKETS)
-        self._buffered = True  # the histograms are `BucketHistogram`s (not forwarding)
+        # The per-message histograms' buffers, held here too so the per-message methods reach
+        # them in one step; None once the histograms forward (`forward_histograms`).
+        self._receive_pending: list[float] | None = receive.pending
+        self._complete_pending: list[float] | None = complete.pending
+        self._process_pending: list[float] | None = process.pending
 
     def messages_received(self, count: int, seconds: float) -> None:
         """One receive call: ``received`` += ``count`` and its duration (empty polls too)."""
         self.received += count
-        self.receive_duration.record(seconds)
+        pending = self._receive_pending
+        if pending is None:
+            self.receive_duration.record(seconds)
+        else:
+            pending.append(seconds)
+            if len(pending) >= FOLD_AT:
+                self.receive_duration.fold()  # type: ignore[union-attr]
 
     def message_completed(self, seconds: float, handled: float | None) -> None:
         """One completed message: ``completed`` += 1, its complete call's duration and, when
@@ -194,26 +207,24 @@ class QueueTally:
         into the histograms' buffers (both folded when the complete buffer is full; the
         process buffer, also filled by `BucketHistogram.record`, stays under twice the bound)."""
         self.completed += 1
-        complete = self.complete_duration
-        process = self.process_duration
-        if self._buffered:
-            pending = complete.pending  # type: ignore[union-attr]
-            pending.append(seconds)
+        pending = self._complete_pending
+        if pending is None:
+            self.complete_duration.record(seconds)
             if handled is not None:
-                process.pending.append(handled)  # type: ignore[union-attr]
-            if len(pending) >= FOLD_AT:
-                complete.fold()  # type: ignore[union-attr]
-                process.fold()  # type: ignore[union-attr]
-        else:
-            complete.record(seconds)
-            if handled is not None:
-                process.record(handled)
+                self.process_duration.record(handled)
+            return
+        pending.append(seconds)
+        if handled is not None:
+            self._process_pending.append(handled)  # type: ignore[union-attr]
+        if len(pending) >= FOLD_AT:
+            self.complete_duration.fold()  # type: ignore[union-attr]
+            self.process_duration.fold()  # type: ignore[union-attr]
 
     def forward_histograms(self, instruments: dict[str, Any]) -> None:
         """Record histogram values straight into ``instruments`` (by metric name) from now on."""
         for name, _, _ in HISTOGRAMS:
             setattr(self, _attribute(name), _Forwarding(instruments[name], {"queue": self.queue}))
-        self._buffered = False
+        self._receive_pending = self._complete_pending = self._process_pending = None
 
 
 _tallies: dict[str, QueueTally] = {}

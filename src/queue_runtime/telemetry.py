@@ -666,11 +666,9 @@ class Telemetry:
         session records receives and completions straight into it
         (`QueueTally.messages_received`, `QueueTally.message_completed`) instead of calling
         `messages_received` and `message_completed`, which would do just that."""
-        if not timed():
-            return False
-        if _metrics_on and not logger.isEnabledFor(MESSAGE_EVENT_LEVEL):
-            return self.tally
-        return True
+        if _metrics_on:
+            return True if logger.isEnabledFor(MESSAGE_EVENT_LEVEL) else self.tally
+        return timed()
 
     def message_completed(
         self, message: ReceivedMessage, *, seconds: float, handled: float | None = None
