@@ -1190,3 +1190,42 @@ def test_a_bucket_histogram_counts_as_bucketing_each_value_would(values: list[fl
         assert (low, high) == (min(values), max(values))
     else:
         assert (low, high) == (math.inf, -math.inf)
+
+
+def test_a_queue_tally_buffers_per_message_values_and_forwards_them_once_told_to() -> None:
+    """The per-message path (`messages_received`, `message_completed`) lands in the same
+    histograms `record` fills, folded past the buffer bound; after `forward_histograms` (a
+    meter provider that is not the SDK's) each value goes to its API instrument instead."""
+    from queue_runtime.tally import FOLD_AT, HISTOGRAMS, BucketHistogram, QueueTally
+
+    tally = QueueTally("orders")
+    for index in range(FOLD_AT + 3):
+        tally.messages_received(2, 0.002)
+        tally.message_completed(0.003, 0.2 if index % 2 else None)
+    assert (tally.received, tally.completed) == (2 * (FOLD_AT + 3), FOLD_AT + 3)
+    for histogram, count in (
+        (tally.receive_duration, FOLD_AT + 3),
+        (tally.complete_duration, FOLD_AT + 3),
+        (tally.process_duration, (FOLD_AT + 3) // 2),
+    ):
+        assert isinstance(histogram, BucketHistogram)
+        assert len(histogram.pending) < FOLD_AT  # bounded: folded along the way
+        assert histogram.count == count
+
+    class Instrument:
+        def __init__(self) -> None:
+            self.values: list[tuple[float, dict[str, str]]] = []
+
+        def record(self, value: float, attributes: dict[str, str]) -> None:
+            self.values.append((value, attributes))
+
+    instruments = {name: Instrument() for name, _, _ in HISTOGRAMS}
+    tally.forward_histograms(instruments)
+    tally.messages_received(1, 0.5)
+    tally.message_completed(0.25, 1.5)
+    tally.message_completed(0.125, None)
+    queue = {"queue": "orders"}
+    assert instruments["queue_receive_duration_seconds"].values == [(0.5, queue)]
+    assert instruments["queue_complete_duration_seconds"].values == [(0.25, queue), (0.125, queue)]
+    assert instruments["queue_process_duration_seconds"].values == [(1.5, queue)]
+    assert (tally.received, tally.completed) == (2 * (FOLD_AT + 3) + 1, FOLD_AT + 5)
