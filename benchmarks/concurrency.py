@@ -82,10 +82,18 @@ def run(size: str, results_dir: Path) -> dict[str, Any]:
         cases[f"cpu c={c}"] = lambda c=c: inmemory.runtime_try(
             SESSIONS, n, per_session_concurrency=c, kind="cpu"
         )
+    in_flight: dict[int, list[tuple[float, float]]] = {c: [] for c in plan["io"]}
+
+    def io_try(c: int) -> float:
+        gauge = inmemory.in_flight
+        gauge.reset()
+        seconds = inmemory.runtime_try(SESSIONS, n, per_session_concurrency=c, kind="io")
+        # Mean handlers running over the try, and mean ms per call (Little's law).
+        in_flight[c].append((gauge.area / seconds, gauge.area / max(gauge.calls, 1) * 1e3))
+        return seconds
+
     for c in plan["io"]:
-        cases[f"io c={c}"] = lambda c=c: inmemory.runtime_try(
-            SESSIONS, n, per_session_concurrency=c, kind="io"
-        )
+        cases[f"io c={c}"] = lambda c=c: io_try(c)
         cases[f"trio sleepers {SESSIONS * c}"] = lambda c=c: trio.run(_sleepers, SESSIONS * c, n)
     cases["queue runtime"] = lambda: inmemory.queue_runtime_try(qn, slots)
     cases["queue hand-written"] = lambda: inmemory.queue_baseline_try(qn, slots)
@@ -125,6 +133,9 @@ def run(size: str, results_dir: Path) -> dict[str, Any]:
                 "cpu_busy": round(rate(name) * cpu(name) / 1e6, 2),
                 "sleepers_msgs_per_s": round(rate(f"trio sleepers {SESSIONS * c}")),
                 "sleepers_cpu_us": round(cpu(f"trio sleepers {SESSIONS * c}"), 1),
+                "handlers_running": round(median([r for r, _ in in_flight[c]]), 1),
+                "ms_per_call": round(median([m for _, m in in_flight[c]]), 2),
+                "sleepers_ms_per_call": round(SESSIONS * c / rate(f"trio sleepers {SESSIONS * c}") * 1e3, 2),
                 "vs_sleepers": round(rate(name) / rate(f"trio sleepers {SESSIONS * c}"), 3),
             }
         )
@@ -164,7 +175,10 @@ def run(size: str, results_dir: Path) -> dict[str, Any]:
                     "CPU busy",
                     "2 x c / 1 ms",
                     "vs ideal",
+                    "handlers running (mean)",
+                    "ms per 1 ms call",
                     "bare trio, 2 x c sleepers msg/s",
+                    "bare trio ms per call",
                     "vs bare trio",
                 ],
                 [
@@ -175,7 +189,10 @@ def run(size: str, results_dir: Path) -> dict[str, Any]:
                         r["cpu_busy"],
                         r["ideal_msgs_per_s"],
                         r["vs_ideal"],
+                        r["handlers_running"],
+                        r["ms_per_call"],
                         r["sleepers_msgs_per_s"],
+                        r["sleepers_ms_per_call"],
                         r["vs_sleepers"],
                     )
                     for r in io_rows
