@@ -416,6 +416,44 @@ async def test_a_renewal_that_hangs_past_the_deadline_ends_the_session_before_an
     assert cancelled_at[0][4] == 1 and log.cancelled[0] == 0
 
 
+async def test_a_lock_the_receiver_finds_lost_ends_the_running_handle_at_once(
+    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14 (found by the freeze-short drill): the provider learns that a session's lock
+    is gone while its handle() runs and the session calls nothing on its receiver (SQS: a
+    delete another task flushed comes back refused). The session must end then, not at the
+    expiry the renewer set from the deadline it saw last: by that time another worker may be
+    handling the session's messages."""
+    from queue_runtime.providers import memory
+
+    watchers: dict[str | None, Any] = {}
+    calls: list[Any] = []
+
+    def watch_lock(receiver: Any, callback: Any) -> None:
+        calls.append(callback)
+        if callback is not None:
+            watchers.setdefault(receiver.session_id, callback)
+
+    monkeypatch.setattr(memory._SessionReceiver, "watch_lock", watch_lock, raising=False)
+    log = Log()
+    async with InMemoryProvider(lock_duration=30.0) as provider:
+        await send(provider, "a", Event(n=1, sleep=100))
+        supervisor = Supervisor(provider, make_actor(log), config(session_idle_timeout=1000))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.serve)
+            await trio.sleep(1)
+            assert watchers.get("a") is not None, "the session does not watch its receiver's lock"
+            started = trio.current_time()
+            watchers["a"](SessionLockLost("a delete came back refused"))
+            await trio.sleep(0.01)
+            assert log.cancelled == [1]
+            assert log.stops == [("a", "lock_lost")]
+            assert trio.current_time() - started < 0.1
+            assert supervisor.stats().completed == 0
+            assert calls[1] is None  # no longer watched once the session ended
+            supervisor.stop()
+
+
 async def test_one_worker_never_runs_two_actors_of_a_session_after_its_lock_lapsed(
     autojump_clock: Any,
 ) -> None:

@@ -510,6 +510,17 @@ class Session:
             self._lost = error
         self._lock_scope.cancel()
 
+    def _lock_moved(self, error: BaseException | None) -> None:
+        """The receiver's word (`Receiver.watch_lock`) that its lock moved other than by time:
+        gone (``error``), so the session ends now, whatever it is doing; or due earlier than
+        the renewer was told, so renewal and expiry are timed again from it."""
+        if error is not None:
+            self.lock_lost(error)
+            return
+        self.runtime.renewer.track(self)
+        self._tracked_generation = self.renew_generation
+        self._tracked_until = self.receiver.locked_until
+
     def message_lock_lost(self, lock: _MessageLock, error: BaseException) -> None:
         """One message's lock is gone (non-session queues): cancel its ``handle()`` only."""
         self.runtime.telemetry.error(error, operation="renew_lock")
@@ -575,6 +586,7 @@ class Session:
                 telemetry.session_accepted(self.session_id)
                 with self._lock_scope:
                     rt.renewer.track(self)
+                    self.receiver.watch_lock(self._lock_moved)
                     # (What the first receive compares with: it re-tracks only if this changed.)
                     self._tracked_generation = self.renew_generation
                     self._tracked_until = self.receiver.locked_until
@@ -617,6 +629,7 @@ class Session:
             finally:
                 try:
                     rt.renewer.untrack(self)
+                    self.receiver.watch_lock(None)
                     rt.sessions.discard(self)
                     cancelled = await _being_cancelled()
                     if cancelled:

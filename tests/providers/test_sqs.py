@@ -6,8 +6,10 @@ test makes its own shallow queues (moto's FIFO calls slow down with queue depth)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -419,6 +421,61 @@ async def test_when_message_k_lapsed_on_the_way_the_later_ones_of_its_group_are_
         for message in rest:
             await receiver.complete(message)
         await receiver.aclose()
+
+
+async def test_a_refused_delete_flushed_by_another_task_tells_the_receivers_watcher(
+    strict_sqs: str,
+) -> None:
+    """Issue 14 (freeze-short drill): deletes are batched, so a session's completed message
+    may be deleted by another task's flush. When SQS refuses it (the visibility ran out on its
+    side), the session has lost its group: its receiver must say so to its watcher at once."""
+    async with SqsProvider(
+        endpoint_url=strict_sqs, region=REGION, visibility_timeout=None, **CREDENTIALS
+    ) as provider:
+        queue = await strict_fifo_queue(provider)
+        await provider.send(queue, group_messages("w", 2))
+        receiver = await accept(provider, queue, timeout=10)
+        reports: list[BaseException | None] = []
+        receiver.watch_lock(reports.append)
+        first, _ = await receive_all(receiver, 2, timeout=10)
+        await receiver.complete(first)  # queued: deletes leave in batches
+        meta = await provider._queue_meta(queue)
+        # SQS's side of the visibility runs out (before ours: a stalled broker, a slow clock).
+        await provider._call(
+            "change_message_visibility", meta.name, QueueUrl=meta.url,
+            ReceiptHandle=first.receipt, VisibilityTimeout=0,
+        )  # fmt: skip
+        await provider._flush(provider._state(meta), force=True)  # another task's poll flushes
+        assert len(reports) == 1 and isinstance(reports[0], SessionLockLost), reports
+        assert receiver.locked_until == -math.inf
+        receiver.watch_lock(None)
+        await receiver.aclose()
+
+
+async def test_messages_taken_under_an_earlier_deadline_tell_the_receivers_watcher(
+    provider: SqsProvider, make_queue: MakeQueue
+) -> None:
+    """Another task's poll can hand a session messages whose deadline is earlier than the one
+    its renewal was timed from: the watcher is told (None: re-time, not lost)."""
+    queue = await make_queue()
+    await provider.send(queue, group_messages("e", 1))
+    receiver = await accept(provider, queue)
+    reports: list[BaseException | None] = []
+    receiver.watch_lock(reports.append)
+    [message] = await receive_all(receiver, 1)
+    until = receiver.locked_until
+    assert until is not None and reports == []
+    record = receiver._held[message.receipt]
+    earlier = dataclasses.replace(
+        record, receipt=record.receipt + "-again", deadline=until - 1.0, state=sqs_module._State.BUFFERED
+    )
+    assert receiver._accept(earlier)
+    assert reports == [None]
+    assert receiver.locked_until == until - 1.0
+    receiver._buffer.clear()
+    receiver._held.pop(earlier.receipt)
+    await receiver.complete(message)
+    await receiver.aclose()
 
 
 async def test_abandoning_k_releases_the_later_messages_of_the_group(

@@ -28,7 +28,7 @@ Guarantees every implementation keeps (the contract suite in ``tests/contract`` 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Self
 
@@ -155,6 +155,20 @@ class Receiver(ABC):
         (the lock expired or another consumer holds the session), a transient error if it could
         not be reached. Non-session receivers raise `NotSupported`: use `renew_message_lock`.
         """
+
+    def watch_lock(self, callback: Callable[[BaseException | None], None] | None) -> None:
+        """Have ``callback`` called whenever `locked_until` moves earlier other than by time
+        passing: with the error when the receiver learns that its lock is gone (SQS: a delete
+        another task sent came back refused), with None when it took messages under an earlier
+        deadline than the one it had. Called synchronously from trio's thread, by whichever task
+        learnt it; None stops the calls.
+
+        The runtime watches every session it runs, so a lock known lost ends the session at
+        once (its running ``handle()`` cancelled), not at the renewal or expiry it timed from
+        the deadline it saw last. This default keeps nothing: right for a provider whose
+        deadline moves only with `renew_lock` and time, which the runtime times itself.
+        """
+        return None
 
     async def renew_message_lock(self, message: ReceivedMessage) -> float:
         """Extend one message's lock (non-session receivers). Returns the new deadline.

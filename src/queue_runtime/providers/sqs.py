@@ -73,7 +73,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
@@ -1251,6 +1251,7 @@ class SqsSessionReceiver(_ReceiverBase):
         self._max_buffer = 2 * BATCH
         self._lost = False
         self._idle_deadline = trio.current_time() + provider._lock_seconds(state.meta)
+        self._watcher: Callable[[BaseException | None], None] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -1258,14 +1259,23 @@ class SqsSessionReceiver(_ReceiverBase):
             f", held={len(self._held)})"
         )
 
+    def watch_lock(self, callback: Callable[[BaseException | None], None] | None) -> None:
+        self._watcher = callback
+
     def _accept(self, record: _Record) -> bool:
-        """Take a record the poll received for this group; False if the buffer is full."""
+        """Take a record the poll received for this group; False if the buffer is full. Tells
+        the watcher when the record's deadline is earlier than the lock's was (a poll that
+        started before the last renewal)."""
         if self._closed or len(self._buffer) >= self._max_buffer:
             return False
+        watcher = self._watcher
+        earlier = watcher is not None and not self._lost and record.deadline < (self.locked_until or math.inf)
         record.owner = self
         record.state = _State.BUFFERED
         self._held[record.receipt] = record
         self._buffer.append(record)
+        if earlier and watcher is not None:
+            watcher(None)
         return True
 
     def _active(self) -> list[_Record]:
@@ -1282,6 +1292,12 @@ class SqsSessionReceiver(_ReceiverBase):
         return SessionLockLost(what)
 
     def _mark_lost(self) -> SessionLockLost:
+        """Record that the group's visibility is gone (whoever found out: this receiver's
+        session, or another task's delete or poll) and tell the watcher, once."""
+        error = SessionLockLost(
+            f"session {self.session_id!r} of {self.queue!r}: the visibility of its messages lapsed"
+            " (SQS may redeliver them)"
+        )
         if not self._lost:
             self._lost = True
             # New messages of the group become a new session, handed out once this one closed.
@@ -1290,10 +1306,9 @@ class SqsSessionReceiver(_ReceiverBase):
                 del self._state.receivers[group]
                 if not self._closed:
                     self._state.ending[group] = self
-        return SessionLockLost(
-            f"session {self.session_id!r} of {self.queue!r}: the visibility of its messages lapsed"
-            " (SQS may redeliver them)"
-        )
+            if self._watcher is not None:
+                self._watcher(error)
+        return error
 
     def _lapsed(self) -> bool:
         now = trio.current_time()
@@ -1390,6 +1405,7 @@ class SqsSessionReceiver(_ReceiverBase):
             if not exc.transient:
                 raise
             log.warning("deleting completed messages of %s failed during renewal: %s", self.queue, exc)
+        self._check_lock()  # a delete just refused, or the wait outlived a deadline
         vt = self._provider._lock_seconds(self._meta)
         started = trio.current_time()
         records = self._active()
@@ -1429,6 +1445,7 @@ class SqsSessionReceiver(_ReceiverBase):
         if self._closed:
             return
         self._closed = True
+        self._watcher = None
         self._buffer.clear()
         group = self.session_id or ""
         if self._state.receivers.get(group) is self:
