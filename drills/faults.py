@@ -311,7 +311,7 @@ class Drill:
         self._say(f"  {stamp:7.3f} s {text}")
 
     def _setup(self) -> None:
-        self._server = SERVERS[self.server]()
+        self._server = SERVERS[self.server](trail=self.work / "server.log")
         self._sqs = self._server.client(connect_timeout=5, read_timeout=10, retries={"max_attempts": 3})
         self._event(f"moto server pid {self._server.pid} on {self._server.url}")
         dlq = self._sqs.create_queue(

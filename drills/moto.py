@@ -9,6 +9,7 @@ pass the endpoint and the fake credentials below explicitly.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -67,6 +68,7 @@ main(sys.argv[1:])
 # its group was not blocked and FIFO handed out message k+1 while k was hidden: a message made
 # invisible is in flight again here. Each of these calls sees one instant (see ``_one_instant``).
 _STRICT_PATCHES = """
+import os
 import threading
 import time
 
@@ -92,6 +94,25 @@ def _now_ms():
 
 models.unix_time_millis = _now_ms
 
+# What the server decided, a line per message (``QUEUE_DRILL_SERVER_LOG``: a file; the drills
+# keep it with a failed run's logs): the ground truth a finding is read against.
+_trail = open(os.environ["QUEUE_DRILL_SERVER_LOG"], "a", buffering=1) if os.environ.get("QUEUE_DRILL_SERVER_LOG") else None
+
+
+def _note(what, message, extra=""):
+    if _trail is not None:
+        _trail.write(
+            f"{_now_ms():.0f} {what} {message.group_id} {message.body[:60]!r} rc={message.approximate_receive_count}"
+            f" rh=..{str(message.receipt_handle)[-10:]} visible_at={message.visible_at:.0f} {extra}\\n"
+        )
+
+
+def _message_of(queue, receipt_handle):
+    for message in queue._messages:
+        if message.had_receipt_handle(receipt_handle):
+            return message
+    return None
+
 
 class _one_instant:
     def __enter__(self):
@@ -112,6 +133,9 @@ def receive_message(self, queue_name, count, wait_seconds_timeout, visibility_ti
                 if message.visible:
                     queue.pending_messages.discard(message)
             result = _receive(self, queue_name, count, 0, visibility_timeout, *args, **kwargs)
+            if _trail is not None:
+                for copy in result:
+                    _note("receive", _message_of(queue, copy.receipt_handle) or copy)
         if result or time.time() >= deadline:
             return result
         time.sleep(0.02)
@@ -130,6 +154,11 @@ def _expired(self, queue_name, receipt_handle):
 def delete_message(self, queue_name, receipt_handle):
     with _one_instant():
         stale, lapsed, fifo = _expired(self, queue_name, receipt_handle)
+        if _trail is not None:
+            message = _message_of(self.get_queue(queue_name), receipt_handle)
+            if message is not None:
+                verdict = "refused-stale" if stale and fifo else "refused-lapsed" if lapsed and fifo else "ok"
+                _note("delete", message, f"handle=..{receipt_handle[-10:]} {verdict}")
         if fifo and (stale or lapsed):
             raise models.ReceiptHandleIsInvalid()  # FIFO: "The receipt handle has expired"
         if stale:
@@ -141,12 +170,21 @@ def change_message_visibility(self, queue_name, receipt_handle, visibility_timeo
     with _one_instant():
         stale, lapsed, fifo = _expired(self, queue_name, receipt_handle)
         if stale or (fifo and lapsed):
+            if _trail is not None:
+                message = _message_of(self.get_queue(queue_name), receipt_handle)
+                if message is not None:
+                    verdict = "refused-stale" if stale else "refused-lapsed"
+                    _note("change", message, f"to={visibility_timeout} handle=..{receipt_handle[-10:]} {verdict}")
             raise models.ReceiptHandleIsInvalid()  # SQS: stale handle / MessageNotInflight
         result = _change(self, queue_name, receipt_handle, visibility_timeout)
         queue = self.get_queue(queue_name)
         for message in queue._messages:
             if message.had_receipt_handle(receipt_handle) and not message.visible:
                 queue.pending_messages.add(message)  # invisible again: in flight again
+        if _trail is not None:
+            message = _message_of(queue, receipt_handle)
+            if message is not None:
+                _note("change", message, f"to={visibility_timeout} ok")
         return result
 
 
@@ -176,13 +214,19 @@ class MotoServer:
 
     BOOT = _BOOT
 
-    def __init__(self) -> None:
+    def __init__(self, *, trail: str | os.PathLike[str] | None = None) -> None:
+        """``trail``: a file where `StrictMotoServer` writes a line per receive, visibility
+        change and delete of each message (what it decided, and when)."""
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ)
+        if trail is not None:
+            env["QUEUE_DRILL_SERVER_LOG"] = str(trail)
         self._process = subprocess.Popen(
             [sys.executable, "-c", self.BOOT, "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            env=env,
         )
         self._wait_ready()
 
