@@ -96,14 +96,16 @@ models.unix_time_millis = _now_ms
 
 # What the server decided, a line per message (``QUEUE_DRILL_SERVER_LOG``: a file; the drills
 # keep it with a failed run's logs): the ground truth a finding is read against.
-_trail = open(os.environ["QUEUE_DRILL_SERVER_LOG"], "a", buffering=1) if os.environ.get("QUEUE_DRILL_SERVER_LOG") else None
+_trail_path = os.environ.get("QUEUE_DRILL_SERVER_LOG")
+_trail = open(_trail_path, "a", buffering=1) if _trail_path else None
 
 
 def _note(what, message, extra=""):
     if _trail is not None:
         _trail.write(
-            f"{_now_ms():.0f} {what} {message.group_id} {message.body[:60]!r} rc={message.approximate_receive_count}"
-            f" rh=..{str(message.receipt_handle)[-10:]} visible_at={message.visible_at:.0f} {extra}\\n"
+            f"{_now_ms():.0f} {what} {message.group_id} {message.body[:60]!r}"
+            f" rc={message.approximate_receive_count} rh=..{str(message.receipt_handle)[-10:]}"
+            f" visible_at={message.visible_at:.0f} {extra}\\n"
         )
 
 
@@ -174,7 +176,8 @@ def change_message_visibility(self, queue_name, receipt_handle, visibility_timeo
                 message = _message_of(self.get_queue(queue_name), receipt_handle)
                 if message is not None:
                     verdict = "refused-stale" if stale else "refused-lapsed"
-                    _note("change", message, f"to={visibility_timeout} handle=..{receipt_handle[-10:]} {verdict}")
+                    extra = f"to={visibility_timeout} handle=..{receipt_handle[-10:]} {verdict}"
+                    _note("change", message, extra)
             raise models.ReceiptHandleIsInvalid()  # SQS: stale handle / MessageNotInflight
         result = _change(self, queue_name, receipt_handle, visibility_timeout)
         queue = self.get_queue(queue_name)
