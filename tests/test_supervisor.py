@@ -562,6 +562,26 @@ async def test_stop_cancels_handle_after_grace_without_settling(autojump_clock: 
         assert again.message_id == mid
 
 
+async def test_a_lock_lost_while_handing_back_the_message_the_grace_deadline_cut_is_lock_loss(
+    autojump_clock: Any,
+) -> None:
+    # The grace deadline cuts handle() short; handing its message back then finds the session
+    # lock gone: the session ends as lock loss, nothing is settled.
+    log = Log()
+    async with InMemoryProvider(lock_duration=60) as provider:
+        await send(provider, "a", Event(n=0, sleep=1000))
+        provider.inject_fault("abandon", SessionLockLost("gone"))
+        supervisor = Supervisor(provider, make_actor(log), config(shutdown_grace=5))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.serve)
+            await trio.sleep(1)
+            supervisor.stop()
+        assert log.cancelled == [0]
+        assert log.stops == [("a", "lock_lost")]
+        stats = supervisor.stats()
+        assert (stats.completed, stats.abandoned, stats.lock_lost) == (0, 0, 1)
+
+
 @pytest.mark.parametrize("path", ["quiet", "observed"])
 async def test_settling_after_handle_returns_is_not_cut_short_by_the_grace_deadline(
     autojump_clock: Any, caplog: pytest.LogCaptureFixture, path: str

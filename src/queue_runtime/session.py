@@ -444,14 +444,17 @@ class Session:
         self.last_error: str | None = None  # the type name of the last one
         self.retry_at: float | None = None  # while in a retry backoff: when the next attempt is due
         self._mailbox: deque[ReceivedMessage] = deque()
+        # Cancelled when the lock is lost (`_lost` set first) and, while the ordered loop runs
+        # in it, by `stop`.
         self._lock_scope = trio.CancelScope()
         # Per-call scopes of the slower paths, for `stop`: sets made on first use, as most
         # sessions never need one.
         self._wait_scopes: set[trio.CancelScope] | None = None
         self._work_scopes: set[trio.CancelScope] | None = None
         # The ordered loop of a session runs in one cancel scope rather than a scope per
-        # receive and per handle() (those were a quarter of the CPU per message); `_phase`
-        # says what it is doing and `_current` which message it is on.
+        # receive and per handle() (those were a quarter of the CPU per message): the lock
+        # scope itself, so a session enters one scope, not two. `_phase` says what it is doing
+        # and `_current` which message it is on.
         self._loop_scope: trio.CancelScope | None = None
         # Whether the loop's scope stands in for a wait's / a handle()'s own scope (a `_Phase`
         # marks it then, made by the slower paths that need one).
@@ -608,20 +611,21 @@ class Session:
                             reason = await self._ordered_loop(actor)
                         else:
                             reason = await self._concurrent_loop(actor, concurrency)
-                    except _LockLost as lost:
-                        self.lock_lost(lost.cause)
-                    except _SessionFailed as failed:
-                        if not failed.reported:
-                            telemetry.error(failed.cause, operation="settle")
-                        reason = "error"
                     except Exception as error:
-                        telemetry.log(
-                            40,
-                            f"actor failed outside handle(): {describe_exception(error)}",
-                            operation="process",
-                            session_id=self.session_id,
-                        )
-                        reason = "error"
+                        reason = self._failed(error, reason)
+                if self._lock_scope.cancelled_caught and self._lost is None:
+                    # stop() cancelled the ordered loop, which runs in this scope, in a wait or
+                    # (at the grace deadline) in handle(): hand back the message it was on, still
+                    # under a lock scope, so a lock lost meanwhile cuts the call short as before.
+                    reason = "shutdown"
+                    interrupted, self._current = self._current, None
+                    if interrupted is not None:
+                        self._lock_scope = trio.CancelScope()
+                        with self._lock_scope:
+                            try:
+                                await self._abandon(interrupted)
+                            except Exception as error:
+                                reason = self._failed(error, reason)
                 if self._lost is not None:
                     reason = "lock_lost"
                     rt.counters.lock_lost += 1
@@ -671,6 +675,24 @@ class Session:
                     self._on_exit()
         return reason
 
+    def _failed(self, error: Exception, reason: StopReason) -> StopReason:
+        """The stop reason once ``error`` ended the session's work in its lock scope (``reason``
+        stays for a lost lock: `run` reports that itself)."""
+        if isinstance(error, _LockLost):
+            self.lock_lost(error.cause)
+            return reason
+        if isinstance(error, _SessionFailed):
+            if not error.reported:
+                self.runtime.telemetry.error(error.cause, operation="settle")
+            return "error"
+        self.runtime.telemetry.log(
+            40,
+            f"actor failed outside handle(): {describe_exception(error)}",
+            operation="process",
+            session_id=self.session_id,
+        )
+        return "error"
+
     async def _outlive(self, previous: Session) -> bool:
         """Wait until ``previous``, an older session of the same id in this supervisor, has
         ended and released its receiver. The broker handed the session out again, so the old
@@ -702,12 +724,13 @@ class Session:
     async def _ordered_loop(self, actor: SessionActor[Any]) -> StopReason:
         """One message at a time, in order.
 
-        A session's loop runs in one cancel scope instead of a scope per receive and per
-        ``handle()``: `stop` cancels it while the loop waits (receive, retry backoff) and gives
-        it the grace deadline while ``handle()`` runs (lifted again once ``handle()`` returned,
-        so settling is never cut short). A message interrupted that way is abandoned here, as
-        with per-call scopes. Sessions only: a non-session queue runs `_concurrent_loop` (with
-        one slot when ``max_concurrent_sessions`` is 1).
+        A session's loop runs in the session's lock scope instead of a scope per receive and
+        per ``handle()`` (or one of its own): `stop` cancels it while the loop waits (receive,
+        retry backoff) and gives it the grace deadline while ``handle()`` runs (lifted again
+        once ``handle()`` returned, so settling is never cut short). A message interrupted that
+        way is abandoned by `run` (with ``_lost`` unset, a cancellation the lock scope caught
+        came from `stop`), as with per-call scopes. Sessions only: a non-session queue runs
+        `_concurrent_loop` (with one slot when ``max_concurrent_sessions`` is 1).
         """
         rt = self.runtime
         config = rt.config
@@ -717,58 +740,52 @@ class Session:
         mailbox = self._mailbox
         receiver = self.receiver
         now = rt.now
-        with trio.CancelScope() as scope:
-            self._loop_scope = scope
-            self._waiting = self._working = True
-            try:
-                # The receive call is written in (the loop's scope stands in for a wait's own):
-                # this loop turns once per message, and each await level it saves is paid at
-                # every wait and wake-up of the session. What follows a receive is `_took`,
-                # shared with `_receive`.
-                started = now()  # read when the mailbox empties: the clock read per message
-                idle_deadline = started + idle
-                while True:
-                    if rt.stopping:
-                        return "shutdown"
-                    if not mailbox:
-                        timeout = idle_deadline - started
-                        if timeout <= 0:
-                            return "idle"
-                        self._phase = _WAITING  # what `self._waiting` marks, without the calls
-                        try:
-                            received = await receiver.receive(
-                                max_messages, timeout if timeout < receive_timeout else receive_timeout
-                            )
-                        except _LOCK_ERRORS as error:
-                            raise _LockLost(error) from None
-                        except QueueError as error:
-                            self._phase = _BUSY
-                            if not await self._receive_failed(error):
-                                return "shutdown"
-                            started = now()
-                            continue
-                        finally:
-                            self._phase = _BUSY
-                        self._receive_backoff = None
-                        self._took(received, started)
-                        if not received:
-                            started = now()
-                            continue  # the next turn ends the session if it is idle
-                        del received  # not kept alive while the session waits (less for the GC)
-                    if not await self._process(actor, mailbox.popleft(), self):
-                        return "shutdown"
-                    if not mailbox:  # only a receive reads them: no clock read per prefetched message
+        self._loop_scope = self._lock_scope  # (entered by `run`)
+        self._waiting = self._working = True
+        try:
+            # The receive call is written in (the loop's scope stands in for a wait's own):
+            # this loop turns once per message, and each await level it saves is paid at
+            # every wait and wake-up of the session. What follows a receive is `_took`,
+            # shared with `_receive`.
+            started = now()  # read when the mailbox empties: the clock read per message
+            idle_deadline = started + idle
+            while True:
+                if rt.stopping:
+                    return "shutdown"
+                if not mailbox:
+                    timeout = idle_deadline - started
+                    if timeout <= 0:
+                        return "idle"
+                    self._phase = _WAITING  # what `self._waiting` marks, without the calls
+                    try:
+                        received = await receiver.receive(
+                            max_messages, timeout if timeout < receive_timeout else receive_timeout
+                        )
+                    except _LOCK_ERRORS as error:
+                        raise _LockLost(error) from None
+                    except QueueError as error:
+                        self._phase = _BUSY
+                        if not await self._receive_failed(error):
+                            return "shutdown"
                         started = now()
-                        idle_deadline = started + idle
-            finally:
-                self._loop_scope = None
-                self._waiting = self._working = False
-                self._phase = _BUSY
-        # Reached only when stop() cancelled the scope: a wait or a handle() was interrupted.
-        message, self._current = self._current, None
-        if message is not None:
-            await self._abandon(message)
-        return "shutdown"
+                        continue
+                    finally:
+                        self._phase = _BUSY
+                    self._receive_backoff = None
+                    self._took(received, started)
+                    if not received:
+                        started = now()
+                        continue  # the next turn ends the session if it is idle
+                    del received  # not kept alive while the session waits (less for the GC)
+                if not await self._process(actor, mailbox.popleft(), self):
+                    return "shutdown"
+                if not mailbox:  # only a receive reads them: no clock read per prefetched message
+                    started = now()
+                    idle_deadline = started + idle
+        finally:
+            self._loop_scope = None
+            self._waiting = self._working = False
+            self._phase = _BUSY
 
     async def _concurrent_loop(self, actor: SessionActor[Any], concurrency: int) -> StopReason:
         """Up to ``concurrency`` ``handle()`` calls at once (no order): a session with

@@ -31,7 +31,6 @@ Label values that come from code (dead-letter reasons, error types) are capped p
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -456,7 +455,23 @@ class _Timer:
             self._tally.process_duration.record(time.perf_counter() - self._started)
 
 
-_NULL: Final[AbstractContextManager[None]] = contextlib.nullcontext()
+class _NoSpan:
+    """What the span helpers return while nothing is traced: does nothing. Its methods are
+    static, so a ``with`` on it keeps no bound method alive while it lasts (a session span
+    lasts the session's life, and each such object is one more for the garbage collector)."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def __enter__() -> None:
+        return None
+
+    @staticmethod
+    def __exit__(*exc_info: object) -> None:
+        return None
+
+
+_NULL: Final[AbstractContextManager[None]] = _NoSpan()
 
 
 class _Continued:
