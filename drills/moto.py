@@ -79,11 +79,22 @@ _receive = models.SQSBackend.receive_message
 _delete = models.SQSBackend.delete_message
 _change = models.SQSBackend.change_message_visibility
 
+# A steady clock: moto times visibility with the host's wall clock, and this machine's wall
+# clock has been seen to step (3.4 s forward in one drill run): every lock in flight then
+# lapsed 3.4 s early on the server while the workers, timing on the monotonic clock as they
+# should, still held it. SQS's clock is not the consumer host's. Wall time at start-up, then
+# monotonic.
+_anchor_ms = time.time() * 1000 - time.monotonic() * 1000
+
+
+def _clock():
+    return time.monotonic() * 1000 + _anchor_ms
+
+
 # One instant per call: moto reads the clock afresh for every message it looks at, so a message
 # lapsing in the middle of a receive was seen as in flight by one step and as visible by the
 # next (the group counted as blocked when message k was considered, free again by the time it
 # reached k+1, which it then delivered first). SQS decides a receive at one instant.
-_clock = models.unix_time_millis
 _call = threading.local()
 
 
@@ -127,7 +138,7 @@ class _one_instant:
 
 
 def receive_message(self, queue_name, count, wait_seconds_timeout, visibility_timeout, *args, **kwargs):
-    deadline = time.time() + float(wait_seconds_timeout or 0)
+    deadline = time.monotonic() + float(wait_seconds_timeout or 0)
     while True:
         with _one_instant():
             queue = self.get_queue(queue_name)
@@ -138,7 +149,7 @@ def receive_message(self, queue_name, count, wait_seconds_timeout, visibility_ti
             if _trail is not None:
                 for copy in result:
                     _note("receive", _message_of(queue, copy.receipt_handle) or copy)
-        if result or time.time() >= deadline:
+        if result or time.monotonic() >= deadline:
             return result
         time.sleep(0.02)
 

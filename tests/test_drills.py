@@ -440,10 +440,11 @@ def strict_moto_in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[An
 
     for name in ("receive_message", "delete_message", "change_message_visibility"):
         monkeypatch.setattr(models.SQSBackend, name, getattr(models.SQSBackend, name))
+    monkeypatch.setattr(models, "unix_time_millis", models.unix_time_millis)
     clock = _Clock()
-    monkeypatch.setattr(models, "unix_time_millis", clock)
     namespace: dict[str, Any] = {}
     exec(_STRICT_PATCHES, namespace)
+    namespace["_clock"] = clock  # the patches' clock, read at each call
     yield models.sqs_backends["123456789012"][REGION], clock, namespace
 
 
@@ -476,6 +477,24 @@ def test_strict_moto_server_decides_a_receive_at_one_instant(
     assert second in ([], ["m0", "m1"]), f"FIFO order broken: {second}"
     clock.ms += 10
     assert [m.body for m in backend.receive_message(name, 10, 0, 4)] in (["m0", "m1"], [])
+
+
+def test_strict_moto_server_times_visibility_on_a_steady_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This machine's wall clock has stepped 3.4 s forward during a drill: on moto's wall-clock
+    timing every lock in flight lapsed that much early, while the workers (on the monotonic
+    clock, as they should be) still held them. The strict server's clock does not step."""
+    from moto.sqs import models
+
+    for name in ("receive_message", "delete_message", "change_message_visibility"):
+        monkeypatch.setattr(models.SQSBackend, name, getattr(models.SQSBackend, name))
+    monkeypatch.setattr(models, "unix_time_millis", models.unix_time_millis)
+    namespace: dict[str, Any] = {}
+    exec(_STRICT_PATCHES, namespace)
+    before = models.unix_time_millis()
+    wall, steady = time.time, time.monotonic
+    monkeypatch.setattr(time, "time", lambda: wall() + 3.4)  # the wall clock steps
+    monkeypatch.setattr(time, "monotonic", lambda: steady() + 5.0)  # 5 s pass
+    assert 4900 < models.unix_time_millis() - before < 5100
 
 
 # -- a quick round of the drills ---------------------------------------------------------------
