@@ -20,7 +20,8 @@ error).
 
 ``python -m drills.faults --rounds N [--scenario NAME ...] [--workers 2 3] [--quick]
 [--server strict|moto] [--json PATH]`` prints one line per run and its violations, writes the results as JSON
-(default ``drills/results/faults.json``, for a full run; earlier full runs are kept as ``faults-COMMIT.json``) and exits 1 on any violation.
+(default ``drills/results/faults.json``, for a full run; earlier full runs are kept as
+``faults-COMMIT.json``) and exits 1 on any violation.
 """
 
 from __future__ import annotations
