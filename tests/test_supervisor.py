@@ -416,6 +416,31 @@ async def test_a_renewal_that_hangs_past_the_deadline_ends_the_session_before_an
     assert cancelled_at[0][4] == 1 and log.cancelled[0] == 0
 
 
+class _Watched:
+    """The in-memory session receivers with `Receiver.watch_lock` recorded (the memory provider
+    keeps the default, which keeps nothing), and a lock deadline the test may move earlier."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from queue_runtime.providers import memory
+
+        self.callbacks: dict[str | None, Any] = {}  # the first callback per session
+        self.calls: list[Any] = []  # every callback given, None included
+        self.until: float | None = None  # set: what `locked_until` reads instead of the broker's
+        real = memory._SessionReceiver.locked_until
+        watched = self
+
+        def watch_lock(receiver: Any, callback: Any) -> None:
+            watched.calls.append(callback)
+            if callback is not None:
+                watched.callbacks.setdefault(receiver.session_id, callback)
+
+        def locked_until(receiver: Any) -> float | None:
+            return real.fget(receiver) if watched.until is None else watched.until  # type: ignore[attr-defined]
+
+        monkeypatch.setattr(memory._SessionReceiver, "watch_lock", watch_lock, raising=False)
+        monkeypatch.setattr(memory._SessionReceiver, "locked_until", property(locked_until))
+
+
 async def test_a_lock_the_receiver_finds_lost_ends_the_running_handle_at_once(
     autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -424,17 +449,7 @@ async def test_a_lock_the_receiver_finds_lost_ends_the_running_handle_at_once(
     delete another task flushed comes back refused). The session must end then, not at the
     expiry the renewer set from the deadline it saw last: by that time another worker may be
     handling the session's messages."""
-    from queue_runtime.providers import memory
-
-    watchers: dict[str | None, Any] = {}
-    calls: list[Any] = []
-
-    def watch_lock(receiver: Any, callback: Any) -> None:
-        calls.append(callback)
-        if callback is not None:
-            watchers.setdefault(receiver.session_id, callback)
-
-    monkeypatch.setattr(memory._SessionReceiver, "watch_lock", watch_lock, raising=False)
+    watched = _Watched(monkeypatch)
     log = Log()
     async with InMemoryProvider(lock_duration=30.0) as provider:
         await send(provider, "a", Event(n=1, sleep=100))
@@ -442,15 +457,41 @@ async def test_a_lock_the_receiver_finds_lost_ends_the_running_handle_at_once(
         async with trio.open_nursery() as nursery:
             await nursery.start(supervisor.serve)
             await trio.sleep(1)
-            assert watchers.get("a") is not None, "the session does not watch its receiver's lock"
+            assert watched.callbacks.get("a") is not None, "the session does not watch its receiver's lock"
             started = trio.current_time()
-            watchers["a"](SessionLockLost("a delete came back refused"))
+            watched.callbacks["a"](SessionLockLost("a delete came back refused"))
             await trio.sleep(0.01)
             assert log.cancelled == [1]
             assert log.stops == [("a", "lock_lost")]
             assert trio.current_time() - started < 0.1
             assert supervisor.stats().completed == 0
-            assert calls[1] is None  # no longer watched once the session ended
+            assert watched.calls[1] is None  # no longer watched once the session ended
+            supervisor.stop()
+
+
+async def test_a_lock_deadline_the_receiver_moves_earlier_is_timed_again_at_once(
+    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQS: another task's poll hands the session messages under an earlier deadline than the
+    one the renewer timed expiry from. Told so (None), the session's lock expires by the new
+    deadline (less the 2 s margin of a 30 s lock), not by the old one 28 s on."""
+    watched = _Watched(monkeypatch)
+    log = Log()
+    async with InMemoryProvider(lock_duration=30.0) as provider:
+        await send(provider, "a", Event(n=1, sleep=100))
+        supervisor = Supervisor(provider, make_actor(log), config(session_idle_timeout=1000))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.serve)
+            await trio.sleep(1)
+            watched.until = trio.current_time() + 5
+            watched.callbacks["a"](None)
+            await trio.sleep(2.5)
+            assert log.cancelled == []  # renewed meanwhile, to the same (earlier) deadline
+            await trio.sleep(1)
+            # (The session is accepted again at once, and lost again while `until` holds.)
+            assert log.cancelled[:1] == [1]
+            assert log.stops[:1] == [("a", "lock_lost")]
+            watched.until = None
             supervisor.stop()
 
 
