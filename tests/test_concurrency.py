@@ -352,3 +352,52 @@ async def test_a_settlement_failing_for_good_ends_the_session_with_error_after_t
     assert (stats.completed, stats.abandoned) == (4, 2)
     assert log.cancelled == []
     assert sorted(done_order(log, "a")) == [0, 0, 1, 2, 3]
+
+
+async def test_a_non_session_message_whose_lock_is_lost_cancels_only_its_handler(autojump_clock: Any) -> None:
+    """A non-session queue locks each message on its own: when one message's lock is lost,
+    only its ``handle()`` is cancelled (and nothing settled for it); the other handler runs on,
+    the slot goes on with the next messages, and the broker redelivers the lost one."""
+    events: list[tuple[str, int, int, float]] = []
+    running = 0
+    most_after = 0
+
+    class Worker(SessionActor[Event]):
+        async def handle(self, event: Event, ctx: MessageContext) -> None:
+            nonlocal running, most_after
+            events.append(("start", event.n, ctx.delivery_count, trio.current_time()))
+            running += 1
+            if event.n >= 10:
+                most_after = max(most_after, running)
+            try:
+                await trio.sleep(1000 if event.n == 0 and ctx.delivery_count == 1 else event.sleep)
+            except trio.Cancelled:
+                events.append(("cancelled", event.n, ctx.delivery_count, trio.current_time()))
+                raise
+            finally:
+                running -= 1
+            events.append(("done", event.n, ctx.delivery_count, trio.current_time()))
+
+    async with InMemoryProvider(lock_duration=2.0) as provider:
+        provider.create_queue(JOBS, requires_session=False)
+        await send_jobs(provider, Event(n=0))
+        supervisor = Supervisor(provider, Worker, jobs_config(max_concurrent_sessions=2, max_lock_renewal=10))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.serve)
+            await trio.sleep(6)
+            await send_jobs(provider, Event(n=1, sleep=8))  # runs from 6 s to 14 s
+            await trio.sleep(9)  # 10 s of renewal, then message 0's 2 s lock runs out
+            [lost] = [e for e in events if e[0] == "cancelled"]
+            assert lost[:3] == ("cancelled", 0, 1) and 10 < lost[3] < 12.5
+            # Message 1 ran on through it, on the other slot.
+            assert [e for e in events if e[1] == 1] == [("start", 1, 1, 6.0), ("done", 1, 1, 14.0)]
+            await trio.sleep(10)
+            assert ("done", 0, 2) in [e[:3] for e in events]  # redelivered, handled again
+            # The slot whose message was lost goes on: two new messages run at once.
+            await send_jobs(provider, Event(n=10, sleep=1), Event(n=11, sleep=1))
+            await trio.sleep(3)
+            supervisor.stop()
+    assert most_after == 2
+    assert sorted(e[1] for e in events if e[0] == "done") == [0, 1, 10, 11]
+    stats = supervisor.stats()
+    assert (stats.completed, stats.abandoned) == (4, 0)

@@ -354,7 +354,7 @@ class Runtime:
 class _MessageLock:
     """A renewal target for one message of a non-session queue (each has its own lock)."""
 
-    __slots__ = ("busy_since", "message", "receiver", "renew_generation", "renewals", "scope", "session")
+    __slots__ = ("busy_since", "message", "receiver", "renew_generation", "renewals", "session", "slot")
 
     def __init__(self, session: Session, message: ReceivedMessage) -> None:
         self.session = session
@@ -363,7 +363,7 @@ class _MessageLock:
         self.renew_generation = 0
         self.renewals = 0
         self.busy_since: float | None = None
-        self.scope: trio.CancelScope | None = None
+        self.slot: _Slot | None = None  # the slot whose handle() runs it: cancelled if it is lost
 
     @property
     def locked_until(self) -> float | None:
@@ -525,11 +525,14 @@ class Session:
         self._tracked_until = self.receiver.locked_until
 
     def message_lock_lost(self, lock: _MessageLock, error: BaseException) -> None:
-        """One message's lock is gone (non-session queues): cancel its ``handle()`` only."""
+        """One message's lock is gone (non-session queues): cancel its ``handle()`` only (the
+        slot's scope, which its loop replaces and goes on with the next message)."""
         self.runtime.telemetry.error(error, operation="renew_lock")
         self._message_locks.pop(lock.message.receipt, None)
-        if lock.scope is not None:
-            lock.scope.cancel()
+        slot = lock.slot
+        if slot is not None and slot._loop_scope is not None:
+            slot._message_lost = True
+            slot._loop_scope.cancel()
 
     def stop(self) -> None:
         """Graceful stop: stop waiting (for messages or a retry backoff) and let running
@@ -819,80 +822,90 @@ class Session:
         mailbox = self._mailbox
         lot = pool.lot
         max_messages = concurrency + rt.config.prefetch
-        with trio.CancelScope() as scope:
-            slot._loop_scope = scope
-            slot._waiting = True
-            if self.session_id is not None:
-                slot._working = True
-            # else: each message has its own lock and its own scope (`_process_fully`).
-            try:
-                while pool.reason is None:
-                    if rt.stopping:
-                        pool.end("shutdown")
-                        break
-                    if mailbox:
-                        message = mailbox.popleft()
-                        if lot and not pool.waking and (mailbox or not pool.receiving):
-                            # One more slot, for the rest (it wakes the next in turn), or to
-                            # receive while this one handles. One at a time: a handler that
-                            # never awaits drains the mailbox before that slot runs.
-                            pool.waking += len(lot.unpark())
-                        pool.busy += 1
-                        try:
-                            if not await self._process(actor, message, slot):
-                                pool.end("shutdown")
-                        finally:
-                            pool.busy -= 1
-                    elif pool.receiving:
-                        slot._phase = _WAITING  # stop() cancels a parked slot like a waiting one
-                        try:
-                            await lot.park()
-                        finally:
-                            slot._phase = _BUSY
-                        if pool.waking:
-                            pool.waking -= 1
-                    else:
-                        pool.receiving = True
-                        try:
-                            received = await self._receive(
-                                math.inf if self.session_id is None else pool.idle_deadline,
-                                max_messages,
-                                slot,
-                            )
-                        finally:
-                            pool.receiving = False
-                        if lot and not pool.waking:
-                            # A parked slot takes over: it handles what is left, or receives
-                            # while this one handles (nobody would receive otherwise).
-                            pool.waking += len(lot.unpark())
-                        if received is None:
+        while True:
+            with trio.CancelScope() as scope:
+                slot._loop_scope = scope
+                slot._waiting = True
+                if self.session_id is not None:
+                    slot._working = True
+                # else: each message has its own lock (`_process_fully`); this scope stands in
+                # for its handle() too, and is replaced when that lock is lost.
+                try:
+                    while pool.reason is None:
+                        if rt.stopping:
                             pool.end("shutdown")
-                        elif received or pool.busy:  # not idle while a handler runs
-                            pool.idle_deadline = rt.now() + pool.idle
-                        elif rt.now() >= pool.idle_deadline:
-                            pool.end("idle")
-            except _LockLost as lost:
-                self.lock_lost(lost.cause)  # cancels every slot; `run` reports it
+                            break
+                        if mailbox:
+                            message = mailbox.popleft()
+                            if lot and not pool.waking and (mailbox or not pool.receiving):
+                                # One more slot, for the rest (it wakes the next in turn), or to
+                                # receive while this one handles. One at a time: a handler that
+                                # never awaits drains the mailbox before that slot runs.
+                                pool.waking += len(lot.unpark())
+                            pool.busy += 1
+                            try:
+                                if not await self._process(actor, message, slot):
+                                    pool.end("shutdown")
+                            finally:
+                                pool.busy -= 1
+                            if slot._message_lost:
+                                break  # lost as handle() returned: leave the cancelled scope now
+                        elif pool.receiving:
+                            slot._phase = _WAITING  # stop() cancels a parked slot like a waiting one
+                            try:
+                                await lot.park()
+                            finally:
+                                slot._phase = _BUSY
+                            if pool.waking:
+                                pool.waking -= 1
+                        else:
+                            pool.receiving = True
+                            try:
+                                received = await self._receive(
+                                    math.inf if self.session_id is None else pool.idle_deadline,
+                                    max_messages,
+                                    slot,
+                                )
+                            finally:
+                                pool.receiving = False
+                            if lot and not pool.waking:
+                                # A parked slot takes over: it handles what is left, or receives
+                                # while this one handles (nobody would receive otherwise).
+                                pool.waking += len(lot.unpark())
+                            if received is None:
+                                pool.end("shutdown")
+                            elif received or pool.busy:  # not idle while a handler runs
+                                pool.idle_deadline = rt.now() + pool.idle
+                            elif rt.now() >= pool.idle_deadline:
+                                pool.end("idle")
+                except _LockLost as lost:
+                    self.lock_lost(lost.cause)  # cancels every slot; `run` reports it
+                    return
+                except _SessionFailed as failed:
+                    pool.fail(failed)
+                    return
+                finally:
+                    slot._loop_scope = None
+                    slot._waiting = slot._working = False
+                    slot._phase = _BUSY
+            if slot._message_lost:
+                # Only its message's lock is gone: leave it to the broker, go on in a new scope.
+                slot._message_lost = False
+                slot._current = None
+                continue
+            if not scope.cancelled_caught:
                 return
-            except _SessionFailed as failed:
-                pool.fail(failed)
-                return
-            finally:
-                slot._loop_scope = None
-                slot._waiting = slot._working = False
-                slot._phase = _BUSY
-        if not scope.cancelled_caught:
+            # stop() or the session's end cancelled the slot's scope: a wait or a handle() was cut.
+            pool.end("shutdown")
+            interrupted, slot._current = slot._current, None
+            if interrupted is not None:
+                try:
+                    await self._abandon(interrupted)
+                except _LockLost as lost:
+                    self.lock_lost(lost.cause)
+                except _SessionFailed as failed:
+                    pool.fail(failed)
             return
-        # stop() or the session's end cancelled the slot's scope: a wait or a handle() was cut.
-        pool.end("shutdown")
-        interrupted, slot._current = slot._current, None
-        if interrupted is not None:
-            try:
-                await self._abandon(interrupted)
-            except _LockLost as lost:
-                self.lock_lost(lost.cause)
-            except _SessionFailed as failed:
-                pool.fail(failed)
 
     async def _receive(
         self, idle_deadline: float, max_messages: int, slot: _Slot
@@ -1176,15 +1189,15 @@ class Session:
                     slot._busy_since = now
                     if lock is not None:
                         lock.busy_since = now
-                    if slot._working:
+                    if slot._working or lock is not None:
                         work = _Phase(slot, _WORKING)  # the loop's scope stands in (see stop())
+                        if lock is not None:
+                            lock.slot = slot  # type: ignore[assignment]  # (a non-session queue's slot)
                     else:
                         work = trio.CancelScope(deadline=rt.grace_deadline)
                         if self._work_scopes is None:
                             self._work_scopes = set()
                         self._work_scopes.add(work)
-                        if lock is not None:
-                            lock.scope = work
                     with work:
                         try:
                             if quiet:
@@ -1213,10 +1226,10 @@ class Session:
                             slot._busy_since = None
                             if lock is not None:
                                 lock.busy_since = None
-                                lock.scope = None
+                                lock.slot = None
+                if lock is not None and message.receipt not in self._message_locks:
+                    return True  # its lock was lost as handle() returned: leave it to the broker
                 if work is not None and work.cancelled_caught:
-                    if lock is not None and message.receipt not in self._message_locks:
-                        return True  # its lock was lost: leave it to the broker
                     await self._abandon(message)  # the grace period ended: hand it back
                     return False
                 if failure is None:
@@ -1404,11 +1417,21 @@ class _Slot:
     """One handler slot of `Session._concurrent_loop`: the fields the ordered loop keeps on
     the session itself (its scope, phase, markers, message in hand, ``handle()`` start)."""
 
-    __slots__ = ("_busy_since", "_current", "_loop_scope", "_phase", "_waiting", "_working", "runtime")
+    __slots__ = (
+        "_busy_since",
+        "_current",
+        "_loop_scope",
+        "_message_lost",
+        "_phase",
+        "_waiting",
+        "_working",
+        "runtime",
+    )
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self._loop_scope: trio.CancelScope | None = None
+        self._message_lost = False  # a non-session message's lock was lost: its scope was cancelled
         self._waiting = False
         self._working = False
         self._phase = _BUSY
