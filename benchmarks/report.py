@@ -148,7 +148,9 @@ def _sqs(d: dict[str, Any]) -> list[str]:
     return [
         "## 4. SQS end to end (moto server)",
         "",
-        "`benchmarks/sqs.py`: one moto server process; a fresh FIFO queue per try; a boto3 producer",
+        "`benchmarks/sqs.py`: one moto server process (`drills/moto.py`'s `StrictMotoServer`: moto",
+        "with the fixes that make its FIFO receive behave as SQS's, its long poll included); a fresh",
+        "FIFO queue per try; a boto3 producer",
         f"thread keeps at most {d['backlog']} messages waiting over {d['groups']} groups; long poll",
         f"{d['long_poll_s']} s on both sides. Client CPU is `time.thread_time()` of the consumer's trio",
         "thread (producer thread and moto excluded); API calls are counted by the provider's own",
@@ -196,12 +198,14 @@ def _sqs_latency(d: dict[str, Any]) -> list[str]:
         )
     lines += [
         "",
-        "Both sides are bound by round trips here, not CPU: a group moves at one receive and one",
-        "delete per batch, since SQS withholds a group while any of its messages is in flight.",
-        "The runtime sends its next receive only once the batch's deletes have landed (as the",
-        "hand-written loop does), so the two keep the same pace; to get ahead, a receive would have",
-        "to go out for the other groups while the deletes are in flight (not done: it is a change",
-        "to the provider's receive path, for a later round with its drill).",
+        "Both sides are bound by round trips here, not CPU: SQS withholds a group while any of its",
+        "messages is in flight, so the hand-written loop moves each batch with a receive and then a",
+        "delete, two round trips. The runtime (`overlap_deletes`, on by default against AWS) sends",
+        "its next receive right behind the deletes, without waiting for their answer: SQS answers",
+        "it once they have landed, so a batch costs about one round trip and the same two calls.",
+        "Plain moto cannot show this: its long poll decides the blocked groups once, at its start,",
+        "so a receive that arrives before the delete waits out the whole poll (which is why",
+        "`overlap_deletes` is off by default for endpoints other than AWS's).",
     ]
     return lines
 

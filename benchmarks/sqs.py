@@ -1,10 +1,14 @@
 """4. SQS end to end against a moto server: the runtime vs a hand-written aiobotocore loop.
 
 Both consumers read the same kind of FIFO queue on one moto server process (a fresh queue per
-try, tries interleaved), in the same run, on trio with aiobotocore's httpx backend:
+try, tries interleaved), in the same run, on trio with aiobotocore's httpx backend. The server
+is the drills' `StrictMotoServer`: moto with the fixes that make its FIFO receive behave as
+SQS's (one instant per call, and a long poll that sees deletes landing during it, where plain
+moto decides a poll's blocked groups once, at its start):
 
 * runtime: `SqsProvider` + `Supervisor` (``max_concurrent_sessions`` = groups), an actor that
-  decodes the body with msgspec and awaits the handler;
+  decodes the body with msgspec and awaits the handler; ``overlap_deletes`` on, as it is by
+  default against AWS (the poll's receive goes out right behind its deletes);
 * hand-written: one loop that receives up to 10 (long poll), processes each message group's
   messages in order (msgspec decode, await the handler), then deletes them with
   ``DeleteMessageBatch``.
@@ -137,7 +141,12 @@ async def _runtime(endpoint: str, queue: str, total: int) -> dict[str, Any]:
     cpu0 = time.thread_time()
     start = time.perf_counter()
     provider = SqsProvider(
-        endpoint_url=endpoint, region=REGION, visibility_timeout=30, wait_time=WAIT, **CREDENTIALS
+        endpoint_url=endpoint,
+        region=REGION,
+        visibility_timeout=30,
+        wait_time=WAIT,
+        overlap_deletes=True,  # AWS's default (off by default for other endpoints)
+        **CREDENTIALS,
     )
     config = SupervisorConfig(
         queue=queue, max_concurrent_sessions=GROUPS, receive_timeout=WAIT, session_idle_timeout=5.0
@@ -260,9 +269,9 @@ def run(size: str, results_dir: Path, endpoint: str | None = None) -> dict[str, 
     server = None
     proxies: dict[float, Any] = {}
     if endpoint is None:
-        from sqs_server import MotoServer
+        from drills.moto import StrictMotoServer
 
-        server = MotoServer()
+        server = StrictMotoServer()
         endpoint = server.url
     by_delay: dict[float, dict[str, list[dict[str, Any]]]] = {
         delay: {"runtime": [], "hand-written": []} for delay in delays

@@ -362,6 +362,9 @@ class Drill:
             "AWS_REGION": REGION,
             "QUEUE_VISIBILITY_TIMEOUT_SECONDS": str(self.plan.visibility),
             "QUEUE_RECEIVE_TIMEOUT_SECONDS": "1",
+            # What AWS users run by default: the strict server's long poll sees deletes that
+            # land during it, as SQS's does.
+            "QUEUE_SQS_OVERLAP_DELETES": "true",
             RECORD_DIR_ENV: str(self.records),
             HANDLE_MS_ENV: f"{low}:{high}",
             **({HANDLE_TAIL_ENV: ":".join(map(str, self.plan.tail))} if self.plan.tail else {}),

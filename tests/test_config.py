@@ -317,6 +317,7 @@ ENV_CASES: list[tuple[str, str, str, Any]] = [
     ("AWS_SECRET_ACCESS_KEY", FAKE_SECRET, "aws.secret_access_key", Secret(FAKE_SECRET)),
     ("AWS_SESSION_TOKEN", FAKE_TOKEN, "aws.session_token", Secret(FAKE_TOKEN)),
     ("AWS_PROFILE", "staging", "aws.profile", "staging"),
+    ("QUEUE_SQS_OVERLAP_DELETES", "off", "aws.overlap_deletes", False),
     (
         "AZURE_SERVICE_BUS_CONNECTION_STRING",
         FAKE_CONNECTION,

@@ -128,11 +128,13 @@ def read_handled(handled: Path) -> list[tuple[int, int, str, int]]:
     return rows
 
 
+@pytest.mark.parametrize("overlap_deletes", ["true", "false"])
 def test_many_worker_processes_keep_every_group_in_order_exactly_once(
     tmp_path: Path,
     sqs: Any,
     fifo_queue: tuple[str, str, str],
     moto_sqs: str,
+    overlap_deletes: str,
 ) -> None:
     name, url, dlq_url = fifo_queue
     (tmp_path / "recorder_actor.py").write_text(ACTOR_MODULE)
@@ -154,7 +156,7 @@ def test_many_worker_processes_keep_every_group_in_order_exactly_once(
         response = sqs.send_message_batch(QueueUrl=url, Entries=entries[start : start + 10])
         assert not response.get("Failed"), response
 
-    env = worker_env(moto_sqs, handled)
+    env = {**worker_env(moto_sqs, handled), "QUEUE_SQS_OVERLAP_DELETES": overlap_deletes}
     # Far fewer sessions per worker than groups: no process can hold every group, and groups are
     # released and taken again (often by the other process) all the time.
     args = ["recorder_actor:Recorder", "--queue", name, "--max-sessions", "6", "--idle-timeout", "1"]

@@ -319,6 +319,9 @@ class AwsSettings(_Section, frozen=True, kw_only=True):
     secret_access_key: Secret | None = None
     session_token: Secret | None = None
     profile: Annotated[str, _NonEmpty] | None = None
+    # Send a poll's receive while its deletes are in flight; None: on for AWS endpoints only
+    # (`queue_runtime.providers.sqs.SqsProvider`, ``overlap_deletes``).
+    overlap_deletes: bool | None = None
 
 
 class AzureSettings(_Section, frozen=True, kw_only=True):
@@ -527,6 +530,7 @@ ENVIRONMENT: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
         "aws.secret_access_key": ("AWS_SECRET_ACCESS_KEY",),
         "aws.session_token": ("AWS_SESSION_TOKEN",),
         "aws.profile": ("AWS_PROFILE",),
+        "aws.overlap_deletes": ("QUEUE_SQS_OVERLAP_DELETES",),
         "azure.connection_string": ("AZURE_SERVICE_BUS_CONNECTION_STRING",),
         "azure.fully_qualified_namespace": ("SERVICE_BUS_NAMESPACE", "AZURE_SERVICE_BUS_NAMESPACE"),
         "azure.client_id": ("AZURE_CLIENT_ID",),
@@ -544,6 +548,16 @@ ENVIRONMENT: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
 )
 CONFIG_FILE_ENV: Final = "QUEUE_CONFIG_FILE"
 _MILLISECONDS: Final = frozenset({"QUEUE_RETRY_BACKOFF_MS"})
+_FLAGS: Final = {
+    "true": True,
+    "1": True,
+    "yes": True,
+    "on": True,
+    "false": False,
+    "0": False,
+    "no": False,
+    "off": False,
+}
 _DISCOVERED_FILES: Final = ("config.toml", "config.yaml", "config.yml")
 _SECTIONS: Final = ("worker", "aws", "azure", "memory", "sqlite", "telemetry", "secrets")
 _SUPERVISOR_KEYS: Final = ("queue", "receive_timeout", "worker.")
@@ -756,6 +770,8 @@ def _describe(t: mi.Type) -> str:
         return "a non-empty string"
     if isinstance(t, mi.StructType):
         return f"a {t.cls.__name__}"
+    if isinstance(t, mi.BoolType):
+        return "true or false"
     return f"a {type(t).__name__}"  # pragma: no cover - every field type is handled above
 
 
@@ -774,6 +790,15 @@ def _convert(value: object, t: mi.Type, *, text: bool) -> object:
             return None
         (member,) = (m for m in t.types if not isinstance(m, mi.NoneType))
         return _convert(value, member, text=text)
+    if isinstance(t, mi.BoolType):
+        if text and isinstance(value, str):
+            flag = _FLAGS.get(value.strip().lower())
+            if flag is None:
+                raise invalid()
+            return flag
+        if not isinstance(value, bool):
+            raise invalid()
+        return value
     if isinstance(t, mi.IntType):
         number: object = value
         if text and isinstance(value, str):

@@ -1152,6 +1152,108 @@ def test_from_settings() -> None:
     assert provider.capabilities.max_properties == 6
 
 
+@pytest.mark.parametrize(
+    ("endpoint", "env", "expected"),
+    [
+        (None, {}, True),  # botocore's default: AWS
+        ("https://sqs.eu-west-1.amazonaws.com", {}, True),
+        ("https://vpce-0abc.sqs.us-east-1.vpce.amazonaws.com", {}, True),
+        ("https://sqs.eu-west-1.api.aws", {}, True),
+        ("http://127.0.0.1:4566", {}, False),  # an emulator
+        ("http://localhost:5000", {}, False),
+        (None, {"AWS_ENDPOINT_URL_SQS": "http://127.0.0.1:9324"}, False),
+        (None, {"AWS_ENDPOINT_URL": "https://sqs.us-east-1.amazonaws.com"}, True),
+    ],
+)
+def test_deletes_overlap_the_next_receive_by_default_on_aws_only(
+    endpoint: str | None, env: dict[str, str], expected: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("AWS_ENDPOINT_URL_SQS", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert SqsProvider(endpoint_url=endpoint).overlap_deletes is expected
+    assert SqsProvider(endpoint_url=endpoint, overlap_deletes=not expected).overlap_deletes is (not expected)
+
+
+def test_overlap_deletes_from_the_environment() -> None:
+    from queue_runtime.config import load_settings
+
+    env = {"QUEUE_PROVIDER": "aws", "AWS_ENDPOINT_URL_SQS": "http://127.0.0.1:4566"}
+    assert SqsProvider.from_settings(load_settings(env=env)).overlap_deletes is False
+    on = load_settings(env={**env, "QUEUE_SQS_OVERLAP_DELETES": "true"})
+    assert SqsProvider.from_settings(on).overlap_deletes is True
+    with pytest.raises(
+        ConfigurationError, match="QUEUE_SQS_OVERLAP_DELETES must be true or false, got 'maybe'"
+    ):
+        load_settings(env={**env, "QUEUE_SQS_OVERLAP_DELETES": "maybe"})
+
+
+@pytest.fixture(scope="module")
+def sqs_like() -> Any:
+    """moto with the drills' fixes (`StrictMotoServer`): its long poll sees deletes that land
+    during it, as SQS's does (plain moto decides the blocked groups once, at the start)."""
+    server = StrictMotoServer()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+async def test_overlapping_deletes_save_a_round_trip_per_batch(sqs_like: Any, overlap: bool) -> None:
+    """Each call takes 0.3 s to reach SQS. The group's next message comes in one such trip
+    when the receive goes out right behind the delete (SQS answers it once the delete landed),
+    and in two when it waits for the delete's answer; one delete and one receive either way."""
+    name = f"o-{uuid.uuid4().hex[:12]}.fifo"
+    sqs_like.client().create_queue(
+        QueueName=name, Attributes={"FifoQueue": "true", "VisibilityTimeout": "30"}
+    )
+    async with SqsProvider(
+        endpoint_url=sqs_like.url,
+        region=REGION,
+        visibility_timeout=None,
+        overlap_deletes=overlap,
+        **CREDENTIALS,
+    ) as provider:
+        await provider.send(name, group_messages("o", 1))
+        receiver = await accept(provider, name)
+        [first] = await receiver.receive(1, timeout=5)
+        await provider.send(name, [Message(body=b"next", session_id="o", message_id="o-1")])
+        await receiver.complete(first)  # queued: it leaves with the next poll
+        calls_before = dict(provider.api_calls)
+        client = await provider._get_client()
+        sent: list[tuple[str, float]] = []
+
+        async def on_the_way(event_name: str, **_: Any) -> None:
+            sent.append((event_name.rsplit(".", 1)[-1], trio.current_time()))
+            await trio.sleep(0.3)
+
+        for operation in ("DeleteMessageBatch", "ReceiveMessage"):
+            client.meta.events.register(f"before-send.sqs.{operation}", on_the_way)
+        try:
+            started = trio.current_time()
+            got = await receive_all(receiver, 1)
+            took = trio.current_time() - started
+        finally:
+            for operation in ("DeleteMessageBatch", "ReceiveMessage"):
+                client.meta.events.unregister(f"before-send.sqs.{operation}", on_the_way)
+        assert [m.message_id for m in got] == ["o-1"]
+        when = dict(sent)
+        assert sorted(when) == ["DeleteMessageBatch", "ReceiveMessage"]
+        calls = {k: v - calls_before.get(k, 0) for k, v in provider.api_calls.items()}
+        assert (calls["DeleteMessageBatch"], calls["ReceiveMessage"]) == (1, 1)
+        behind = when["ReceiveMessage"] - when["DeleteMessageBatch"]
+        if overlap:
+            assert abs(behind) < 0.1, sent  # the receive did not wait for the delete's answer
+            assert took < 0.55, took
+        else:
+            assert behind >= 0.3, sent  # it went once the delete was answered
+            assert took >= 0.6, took
+        await receiver.complete(got[0])
+        await receiver.aclose()
+
+
 # --------------------------------------------------------------------------------------------
 # codec invariants (no I/O)
 

@@ -47,9 +47,14 @@ Completion
     ``complete`` checks the local deadline, then queues the delete. Pending deletes (all the
     receivers of a queue) are sent in ``DeleteMessageBatch`` calls of up to 10: when 10 are
     pending, when one of them nears its deadline, before any poll of that queue, on
-    ``renew_lock``, on a receiver's ``aclose`` and on the provider's ``aclose``. A poll also waits
-    for the delete calls other tasks have in flight on its queue (SQS withholds their groups
-    until the deletes land, so a receive sent earlier is wasted). A crash between
+    ``renew_lock``, on a receiver's ``aclose`` and on the provider's ``aclose``. Before a poll:
+    with ``overlap_deletes`` (the default against AWS), the deletes go out and the receive
+    right behind them, without waiting for their answer (SQS withholds a group only until its
+    deletes land, and its long poll returns once they have: a round trip saved per batch);
+    without it, the poll waits for those deletes, and for the delete calls other tasks have in
+    flight on its queue, before it receives (for servers whose long poll does not see deletes
+    that land during it, such as moto's: there an early receive waits out the whole poll).
+    A crash between
     ``complete`` and the flush redelivers those messages (at-least-once; order still holds,
     since the later messages of the group were not deleted either).
 
@@ -72,6 +77,7 @@ import logging
 import math
 import os
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -197,6 +203,14 @@ def _chunks(items: Sequence[_Record], size: int = BATCH) -> Iterable[Sequence[_R
         yield items[start : start + size]
 
 
+def _is_aws(endpoint: str | None) -> bool:
+    """Whether ``endpoint`` (None: botocore's default) is an AWS SQS endpoint."""
+    if endpoint is None:
+        return True
+    host = urllib.parse.urlsplit(endpoint if "//" in endpoint else f"//{endpoint}").hostname or ""
+    return host.endswith((".amazonaws.com", ".amazonaws.com.cn", ".api.aws"))
+
+
 def _secret_value(value: object) -> str | None:
     if value is None:
         return None
@@ -215,6 +229,14 @@ class SqsProvider(Provider):
 
     ``api_calls`` counts SQS API calls by operation name (for tests and diagnostics);
     ``delete_failures`` counts deletes SQS refused during a flush.
+
+    ``overlap_deletes``: send a poll's receive while the deletes sent just before it are in
+    flight (one round trip per batch instead of two; see "Completion" in the module
+    docstring). None (the default) turns it on when the endpoint is AWS's (no endpoint
+    configured, or an ``amazonaws.com`` / ``api.aws`` host), whose long poll returns as soon as
+    the deletes free a group, and off for other endpoints: emulators such as moto decide a
+    long poll's blocked groups once, at its start, so there an overlapping receive waits out
+    the whole poll. Turn it on for an emulator that behaves like SQS.
 
     ``credentials`` (a `queue_runtime.secrets.SecretResolver`) makes the provider follow
     rotated keys (``aws.access_key_id``, ``aws.secret_access_key``, ``aws.session_token``):
@@ -240,6 +262,7 @@ class SqsProvider(Provider):
         connect_timeout: float = 5.0,
         close_timeout: float = 10.0,
         credentials: CredentialSource | None = None,
+        overlap_deletes: bool | None = None,
     ) -> None:
         if visibility_timeout is not None and visibility_timeout <= 0:
             visibility_timeout = None  # 0 = "use the queue's own setting"
@@ -277,6 +300,7 @@ class SqsProvider(Provider):
         self.delete_failures = 0
         self._credentials = credentials
         self._retired: list[Any] = []  # client context managers of rotated-away keys
+        self.overlap_deletes = _is_aws(self._endpoint()) if overlap_deletes is None else overlap_deletes
 
     capabilities = Capabilities(
         system="aws_sqs",
@@ -309,6 +333,7 @@ class SqsProvider(Provider):
             wait_time=min(float(receive_timeout), MAX_WAIT) if receive_timeout is not None else MAX_WAIT,
             dead_letter_queue=getattr(settings, "dlq_name", None),
             credentials=credentials,
+            overlap_deletes=getattr(aws, "overlap_deletes", None),
         )
 
     def __repr__(self) -> str:
@@ -377,12 +402,7 @@ class SqsProvider(Provider):
         # The session's default config decides which async primitives its credential
         # providers use: set it so refreshable credentials use anyio locks, not asyncio's.
         session.set_default_client_config(config)
-        endpoint = (
-            self._endpoint_url
-            or os.environ.get("AWS_ENDPOINT_URL_SQS")
-            or os.environ.get("AWS_ENDPOINT_URL")
-            or None
-        )
+        endpoint = self._endpoint()
         cm = session.create_client(
             "sqs",
             region_name=self._region,
@@ -396,6 +416,14 @@ class SqsProvider(Provider):
         client.meta.events.register("before-call.sqs", self._count_call)
         self._client_cm = cm
         return client
+
+    def _endpoint(self) -> str | None:
+        return (
+            self._endpoint_url
+            or os.environ.get("AWS_ENDPOINT_URL_SQS")
+            or os.environ.get("AWS_ENDPOINT_URL")
+            or None
+        )
 
     def _count_call(self, model: Any = None, **_: Any) -> None:
         self.api_calls[getattr(model, "name", "unknown")] += 1
@@ -830,57 +858,77 @@ class SqsProvider(Provider):
         state.poll_done = trio.Event()
         try:
             await self._await_settled(state)
-            # Held groups get no more messages from SQS while any of theirs is in flight.
-            try:
-                await self._flush(state, force=True)
-            except QueueError as exc:
-                log.warning(
-                    "deleting completed messages of %s failed before a receive: %s", state.meta.name, exc
-                )
-            await self._await_deletes(state)
-            vt = self._lock_seconds(state.meta)
-            if state.attempt_id is None or trio.current_time() - state.attempt_started > vt / 2:
-                # A retried attempt returns the original messages with their original
-                # visibility clock: reuse it only while that clock has time left.
-                state.attempt_id = uuid.uuid4().hex
-                state.attempt_started = trio.current_time()
-                reused = False
+            # Held groups get no more messages from SQS while any of theirs is in flight: the
+            # deletes go first, and the receive after them, or (overlapping) right behind them.
+            if not self.overlap_deletes:
+                await self._flush_before_receive(state)
+                await self._await_deletes(state)
+                await self._receive_and_dispatch(state, remaining)
+            elif not state.deletes:
+                await self._receive_and_dispatch(state, remaining)
             else:
-                reused = True
-            wait = await self._poll_wait(state, remaining)
-            # SQS starts the visibility clock when it picks the messages, never before this
-            # (a reused attempt returns the messages with their original clock).
-            requested = state.attempt_started if reused else trio.current_time()
-            try:
-                raws = await self._receive_raw(
-                    state.meta,
-                    max_messages=BATCH,
-                    wait=wait,
-                    attempt_id=state.attempt_id if state.meta.fifo else None,
-                )
-            except QueueError as exc:
-                # Reused only after a network failure, where SQS may have received for us.
-                if not isinstance(exc, (ConnectionFailed, Timeout)):
-                    state.attempt_id = None
-                raise
-            except trio.Cancelled:
-                # Cancelled by our caller's deadline, not a failure: the next poll starts afresh
-                # (a reused id could hand back an empty result for 5 minutes).
-                state.attempt_id = None
-                raise
-            state.attempt_id = None
-            if not raws and wait == 0 and remaining > 0:
-                # SQS waits in whole seconds: rather than spin on short polls for the
-                # fraction left, let the caller's time run out here.
-                await trio.sleep(min(remaining, 1.0))
-            live, expired = await self._anchored(state.meta, raws, requested)
-            for record in expired:
-                record.state = _State.DELETING
-                state.deletes.append(record)
-            await self._dispatch(state, live)
+                failure: QueueError | None = None
+                async with trio.open_nursery() as deleting:
+                    deleting.start_soon(self._flush_before_receive, state)
+                    await trio.lowlevel.checkpoint()  # (it sends first)
+                    try:
+                        await self._receive_and_dispatch(state, remaining)
+                    except QueueError as exc:
+                        failure = exc  # raised as itself once the deletes have their answer
+                if failure is not None:
+                    raise failure
         finally:
             state.polling = False
             state.poll_done.set()
+
+    async def _flush_before_receive(self, state: _QueueState) -> None:
+        try:
+            await self._flush(state, force=True)
+        except QueueError as exc:
+            log.warning("deleting completed messages of %s failed before a receive: %s", state.meta.name, exc)
+
+    async def _receive_and_dispatch(self, state: _QueueState, remaining: float) -> None:
+        """The receive of `_poll`, and the hand-out of what it got."""
+        vt = self._lock_seconds(state.meta)
+        if state.attempt_id is None or trio.current_time() - state.attempt_started > vt / 2:
+            # A retried attempt returns the original messages with their original
+            # visibility clock: reuse it only while that clock has time left.
+            state.attempt_id = uuid.uuid4().hex
+            state.attempt_started = trio.current_time()
+            reused = False
+        else:
+            reused = True
+        wait = await self._poll_wait(state, remaining)
+        # SQS starts the visibility clock when it picks the messages, never before this
+        # (a reused attempt returns the messages with their original clock).
+        requested = state.attempt_started if reused else trio.current_time()
+        try:
+            raws = await self._receive_raw(
+                state.meta,
+                max_messages=BATCH,
+                wait=wait,
+                attempt_id=state.attempt_id if state.meta.fifo else None,
+            )
+        except QueueError as exc:
+            # Reused only after a network failure, where SQS may have received for us.
+            if not isinstance(exc, (ConnectionFailed, Timeout)):
+                state.attempt_id = None
+            raise
+        except trio.Cancelled:
+            # Cancelled by our caller's deadline, not a failure: the next poll starts afresh
+            # (a reused id could hand back an empty result for 5 minutes).
+            state.attempt_id = None
+            raise
+        state.attempt_id = None
+        if not raws and wait == 0 and remaining > 0:
+            # SQS waits in whole seconds: rather than spin on short polls for the
+            # fraction left, let the caller's time run out here.
+            await trio.sleep(min(remaining, 1.0))
+        live, expired = await self._anchored(state.meta, raws, requested)
+        for record in expired:
+            record.state = _State.DELETING
+            state.deletes.append(record)
+        await self._dispatch(state, live)
 
     async def _await_settled(self, state: _QueueState) -> None:
         """Wait up to `SETTLE_WINDOW` while messages this queue's sessions received are still
