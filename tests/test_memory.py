@@ -937,3 +937,31 @@ async def test_a_cancelled_receive_takes_nothing_even_with_messages_waiting(auto
     assert scope.cancelled_caught
     [message] = await receiver.receive(1)
     assert bodies([message]) == ["1"] and message.delivery_count == 1
+
+
+async def test_messages_of_many_sends_received_in_turn_keep_their_own_enqueue_time(
+    autojump_clock: Any,
+) -> None:
+    """Receives across many sessions take messages from many sends in turn: each keeps the
+    enqueue time of its own send (the provider converts each send's time to wall time once,
+    and keeps a bounded number of them)."""
+    sessions = 1500  # 3,000 sends: more than the conversions kept
+    async with InMemoryProvider() as p:
+        for _ in range(2):
+            for i in range(sessions):
+                await p.send("q", [Message(body=b"x", session_id=f"s{i}")])
+                await trio.sleep(1)
+        times: list[list[datetime]] = []
+        for _ in range(sessions):
+            receiver = await p.accept_session("q", timeout=0)
+            assert receiver is not None
+            got = await receiver.receive(2, timeout=0)
+            assert [m.session_id for m in got] == [receiver.session_id] * 2
+            times.append([m.enqueued_at for m in got])  # type: ignore[misc]
+            for m in got:
+                await receiver.complete(m)
+            await receiver.aclose()
+    for i, (first, second) in enumerate(times):
+        assert (second - first).total_seconds() == pytest.approx(sessions, abs=1e-3)
+        if i:
+            assert (first - times[i - 1][0]).total_seconds() == pytest.approx(1.0, abs=1e-3)

@@ -228,3 +228,25 @@ def test_a_forked_child_does_not_repeat_the_parents_message_ids() -> None:
     child = os.read(read, 100).decode()
     os.close(read)
     assert child and child != Message(b"x").message_id
+
+
+def test_session_ids_are_checked_once_each_even_across_many_sessions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A producer sending round robin over 10,000 sessions pays the session id check once per
+    session, not once per message (the cache of checked ids holds that many)."""
+    import queue_runtime.message as message_module
+
+    checked: list[str] = []
+    real = message_module.validate_session_id
+
+    def counting(session_id: object, system: str = "memory") -> str:
+        checked.append(str(session_id))
+        return real(session_id, system)
+
+    monkeypatch.setattr(message_module, "validate_session_id", counting)
+    monkeypatch.setattr(message_module, "_valid_session_ids", set())
+    for _ in range(3):
+        for i in range(10_000):
+            Message(b"x", session_id=f"session-{i}")
+    assert len(checked) == 10_000
+    with pytest.raises(ValidationError, match="session id"):
+        Message(b"x", session_id="bad id\n")

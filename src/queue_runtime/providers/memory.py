@@ -74,6 +74,7 @@ from .base import Capabilities, Provider, QueueInfo, QueueStats, Receiver
 
 __all__ = ["FAULT_OPERATIONS", "InMemoryProvider", "StallMode"]
 
+_WALLS_MAX: Final = 1024  # enqueue times `_to_wall` keeps converted (one per send call)
 FAULT_OPERATIONS: Final = (
     "send",
     "receive",
@@ -509,6 +510,7 @@ class InMemoryProvider(Provider):
         self._wall_epoch: datetime | None = None
         self._trio_epoch = 0.0
         self._wall_memo: tuple[float, datetime] = (math.nan, datetime.min)
+        self._walls: dict[float, datetime] = {}  # `_to_wall`'s recent conversions
         try:
             self._capture_epoch()
         except RuntimeError:
@@ -520,6 +522,7 @@ class InMemoryProvider(Provider):
         self._wall_epoch = datetime.now(UTC)
         self._trio_epoch = now
         self._wall_memo = (math.nan, datetime.min)
+        self._walls = {}
 
     def _first_now(self) -> float:
         """The first clock read of a run: capture the wall-clock epoch if not yet done, start
@@ -541,11 +544,19 @@ class InMemoryProvider(Provider):
         return self._trio_epoch + (when - self._wall_epoch).total_seconds()
 
     def _to_wall(self, at: float) -> datetime:
-        # Messages sent in one call share their enqueue time: convert it once.
+        # Messages sent in one call share their enqueue time: convert it once. Recent times
+        # are kept (bounded), not only the last: receives across many sessions take messages
+        # from many sends in turn.
         if at == self._wall_memo[0]:
             return self._wall_memo[1]
-        assert self._wall_epoch is not None
-        wall = self._wall_epoch + timedelta(seconds=at - self._trio_epoch)
+        walls = self._walls
+        wall = walls.get(at)
+        if wall is None:
+            assert self._wall_epoch is not None
+            wall = self._wall_epoch + timedelta(seconds=at - self._trio_epoch)
+            if len(walls) >= _WALLS_MAX:
+                walls.clear()
+            walls[at] = wall
         self._wall_memo = (at, wall)
         return wall
 
