@@ -124,7 +124,7 @@ class _State(enum.Enum):
     DONE = "done"  # deleted, released or dropped
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Record:
     """One in-flight SQS message as we hold it."""
 
@@ -987,10 +987,11 @@ class SqsProvider(Provider):
 
     async def _dispatch(self, state: _QueueState, records: list[_Record]) -> None:
         overflow: list[_Record] = []
+        now = trio.current_time()  # nothing below waits: one clock read for the batch
         for record in records:
             group = record.group or ""
             receiver = state.receivers.get(group)
-            if receiver is not None and receiver._lapsed():
+            if receiver is not None and receiver._lapsed(now):
                 # SQS redelivered the group because the holder let its visibility lapse: the
                 # holder has lost it, and the group starts over as a new session.
                 receiver._mark_lost()
@@ -1069,17 +1070,21 @@ class SqsProvider(Provider):
         return None
 
     # -- settlement machinery ----------------------------------------------------------------
-    async def _maybe_flush(self, state: _QueueState) -> None:
+    def _flush_due(self, state: _QueueState) -> bool | None:
+        """Whether queued deletes are due (a full batch, or one nearing its deadline): None
+        if not, else whether the flush must send them all (``force``)."""
         if not state.deletes:
-            return
+            return None
         now = trio.current_time()
         soon = min(r.deadline for r in state.deletes) - now < self._lock_seconds(state.meta) / 3
-        if len(state.deletes) >= BATCH or soon:
-            try:
-                await self._flush(state, force=soon)
-            except QueueError as exc:
-                # The deletes stay queued and are retried by the next flush.
-                log.warning("deleting completed messages of %s failed (will retry): %s", state.meta.name, exc)
+        return soon if len(state.deletes) >= BATCH or soon else None
+
+    async def _flush_due_deletes(self, state: _QueueState, force: bool) -> None:
+        try:
+            await self._flush(state, force=force)
+        except QueueError as exc:
+            # The deletes stay queued and are retried by the next flush.
+            log.warning("deleting completed messages of %s failed (will retry): %s", state.meta.name, exc)
 
     async def _flush(self, state: _QueueState, *, force: bool) -> None:
         """Send queued deletes in batches of 10 (all of them if ``force``, else full batches).
@@ -1247,7 +1252,9 @@ class _ReceiverBase(Receiver):
         record.state = _State.DELETING
         state.deletes.append(record)
         state.settled.set()  # a poll may be waiting for this batch to settle
-        await self._provider._maybe_flush(state)
+        force = self._provider._flush_due(state)
+        if force is not None:  # (checked here: no coroutine per completion)
+            await self._provider._flush_due_deletes(state, force)
 
     async def dead_letter(
         self, message: ReceivedMessage, reason: str, description: str | None = None
@@ -1329,12 +1336,22 @@ class SqsSessionReceiver(_ReceiverBase):
     def _active(self) -> list[_Record]:
         return [r for r in self._held.values() if r.state is not _State.DONE]
 
+    def _earliest(self) -> float:
+        """The earliest deadline of the records held (not done); ``inf`` when none."""
+        # Read on every receive, completion and dispatch: one pass, no list.
+        earliest = math.inf
+        done = _State.DONE
+        for record in self._held.values():
+            if record.deadline < earliest and record.state is not done:
+                earliest = record.deadline
+        return earliest
+
     @property
     def locked_until(self) -> float | None:
         if self._lost:
             return -math.inf  # no lock left
-        active = self._active()
-        return min(r.deadline for r in active) if active else self._idle_deadline
+        earliest = self._earliest()
+        return earliest if earliest != math.inf else self._idle_deadline
 
     def _lost_error(self, what: str) -> QueueError:
         return SessionLockLost(what)
@@ -1358,15 +1375,15 @@ class SqsSessionReceiver(_ReceiverBase):
                 self._watcher(error)
         return error
 
-    def _lapsed(self) -> bool:
-        now = trio.current_time()
-        return any(r.deadline <= now for r in self._active())
+    def _lapsed(self, now: float) -> bool:
+        return self._earliest() <= now
 
-    def _check_lock(self) -> None:
+    def _check_lock(self, now: float | None = None) -> None:
+        """Raise `SessionLockLost` if lost, or if a held message's deadline passed by ``now``
+        (default: the current time)."""
         if self._lost:
             raise SessionLockLost(f"session {self.session_id!r} of {self.queue!r} lost its lock")
-        now = trio.current_time()
-        if any(r.deadline <= now for r in self._active()):
+        if self._earliest() <= (trio.current_time() if now is None else now):
             raise self._mark_lost()
 
     async def receive(self, max_messages: int = 1, timeout: float = 0.0) -> list[ReceivedMessage]:
@@ -1374,12 +1391,13 @@ class SqsSessionReceiver(_ReceiverBase):
         the group gets messages or ``timeout`` passes. Raises `SessionLockLost` once lost."""
         if max_messages < 1:
             raise ValidationError("max_messages must be >= 1")
-        deadline = trio.current_time() + max(timeout, 0.0)
+        now = trio.current_time()  # one clock read per turn, for the lock check and the wait
+        deadline = now + max(timeout, 0.0)
         polled = False
         while True:
             if self._closed:
                 return []
-            self._check_lock()
+            self._check_lock(now)
             if self._buffer:
                 out: list[ReceivedMessage] = []
                 while self._buffer and len(out) < max_messages:
@@ -1387,11 +1405,19 @@ class SqsSessionReceiver(_ReceiverBase):
                     record.state = _State.OUT
                     out.append(record.message)
                 return out
-            remaining = deadline - trio.current_time()
+            remaining = deadline - now
             if polled and remaining <= 0:
                 return []
-            await self._provider._poll(self._state, remaining)
+            state = self._state
+            if state.polling:
+                # Another task's poll is running: wait for it as `_poll` would, one await
+                # level less at each wait and wake-up.
+                with trio.CancelScope(deadline=deadline):
+                    await state.poll_done.wait()
+            else:
+                await self._provider._poll(state, remaining)
             polled = True
+            now = trio.current_time()
 
     async def complete(self, message: ReceivedMessage) -> None:
         """Queue the delete after checking the local visibility deadline (see the module doc:
