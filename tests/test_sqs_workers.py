@@ -58,7 +58,8 @@ class Recorder(SessionActor[Step]):
 
 @pytest.fixture(scope="module")
 def moto_sqs() -> Iterator[str]:
-    server = StrictMotoServer()
+    # SQS_WORKERS_TRAIL: a file for the server's line per receive, visibility change and delete.
+    server = StrictMotoServer(trail=os.environ.get("SQS_WORKERS_TRAIL"))
     try:
         yield server.url
     finally:

@@ -1254,6 +1254,53 @@ async def test_overlapping_deletes_save_a_round_trip_per_batch(sqs_like: Any, ov
         await receiver.aclose()
 
 
+async def test_with_an_unclaimed_session_waiting_the_receive_waits_for_the_deletes(sqs_like: Any) -> None:
+    """While a group waits unclaimed, the worker takes no new group: a receive SQS answered
+    before the deletes landed would bring only other groups, released at once, each receive
+    counting toward their maxReceiveCount (seen in the multi-worker test: groups driven to the
+    dead-letter queue in 40 ms). So the receive waits for the deletes' answer then."""
+    name = f"o-{uuid.uuid4().hex[:12]}.fifo"
+    sqs_like.client().create_queue(
+        QueueName=name, Attributes={"FifoQueue": "true", "VisibilityTimeout": "30"}
+    )
+    async with SqsProvider(
+        endpoint_url=sqs_like.url,
+        region=REGION,
+        visibility_timeout=None,
+        overlap_deletes=True,
+        max_pending_sessions=1,
+        **CREDENTIALS,
+    ) as provider:
+        await provider.send(name, group_messages("a", 1))
+        receiver = await accept(provider, name)
+        [first] = await receiver.receive(1, timeout=5)
+        await provider.send(name, group_messages("b", 1))
+        assert await receiver.receive(1, timeout=1) == []  # its poll brought b: unclaimed
+        assert list(provider._states[name].pending) == ["b"]
+        await provider.send(name, [Message(body=b"next", session_id="a", message_id="a-1")])
+        await receiver.complete(first)
+        client = await provider._get_client()
+        sent: dict[str, float] = {}
+
+        async def on_the_way(event_name: str, **_: Any) -> None:
+            operation = event_name.rsplit(".", 1)[-1]
+            sent.setdefault(operation, trio.current_time())
+            if operation == "DeleteMessageBatch":
+                await trio.sleep(0.3)
+
+        for operation in ("DeleteMessageBatch", "ReceiveMessage"):
+            client.meta.events.register(f"before-send.sqs.{operation}", on_the_way)
+        try:
+            got = await receive_all(receiver, 1)
+        finally:
+            for operation in ("DeleteMessageBatch", "ReceiveMessage"):
+                client.meta.events.unregister(f"before-send.sqs.{operation}", on_the_way)
+        assert [m.message_id for m in got] == ["a-1"]
+        assert sent["ReceiveMessage"] - sent["DeleteMessageBatch"] >= 0.3, sent
+        await receiver.complete(got[0])
+        await receiver.aclose()
+
+
 # --------------------------------------------------------------------------------------------
 # codec invariants (no I/O)
 

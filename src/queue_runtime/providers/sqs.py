@@ -51,9 +51,12 @@ Completion
     with ``overlap_deletes`` (the default against AWS), the deletes go out and the receive
     right behind them, without waiting for their answer (SQS withholds a group only until its
     deletes land, and its long poll returns once they have: a round trip saved per batch);
-    without it, the poll waits for those deletes, and for the delete calls other tasks have in
-    flight on its queue, before it receives (for servers whose long poll does not see deletes
-    that land during it, such as moto's: there an early receive waits out the whole poll).
+    without it, and while an unclaimed session waits (the worker takes no new group then, and
+    a receive answered before the deletes land would bring only groups it must release, each
+    receive counting toward their ``maxReceiveCount``), the poll waits for those deletes, and
+    for the delete calls other tasks have in flight on its queue, before it receives (for
+    servers whose long poll does not see deletes that land during it, such as moto's: there an
+    early receive waits out the whole poll).
     A crash between
     ``complete`` and the flush redelivers those messages (at-least-once; order still holds,
     since the later messages of the group were not deleted either).
@@ -860,7 +863,10 @@ class SqsProvider(Provider):
             await self._await_settled(state)
             # Held groups get no more messages from SQS while any of theirs is in flight: the
             # deletes go first, and the receive after them, or (overlapping) right behind them.
-            if not self.overlap_deletes:
+            if not self.overlap_deletes or state.pending:
+                # (With unclaimed sessions waiting, the worker is taking no new group: a receive
+                # that SQS answers before the deletes land brings only other groups, released
+                # at once, and each such receive counts toward their maxReceiveCount.)
                 await self._flush_before_receive(state)
                 await self._await_deletes(state)
                 await self._receive_and_dispatch(state, remaining)
