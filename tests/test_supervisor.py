@@ -539,6 +539,40 @@ async def test_a_new_actor_waits_until_the_old_one_of_its_session_has_closed(aut
 # -- 6. idle and release ------------------------------------------------------------------------
 
 
+class SlotWanted(InMemoryProvider):
+    """An in-memory broker whose sessions are asked to end as soon as they have nothing to do,
+    as the SQS provider asks while groups it received wait for a slot."""
+
+    async def accept_session(self, queue: str, *, timeout: float) -> Any:
+        receiver = await super().accept_session(queue, timeout=timeout)
+        if receiver is not None:
+            receiver.release_requested = True
+        return receiver
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+async def test_a_session_whose_slot_is_wanted_stops_as_idle_once_its_handlers_returned(
+    autojump_clock: Any, concurrency: int
+) -> None:
+    log = Log()
+    async with SlotWanted(lock_duration=60) as provider:
+        await send(provider, "a", Event(n=1, sleep=3), Event(n=2, sleep=3))
+        supervisor = Supervisor(
+            provider,
+            make_actor(log),
+            config(session_idle_timeout=100, per_session_concurrency=concurrency),
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.serve)
+            handled_at = 6 if concurrency == 1 else 3  # one after the other, or at once
+            await trio.sleep(handled_at - 0.5)
+            assert log.stops == []  # not while a handler runs
+            await trio.sleep(2)  # then one empty receive (1 s here)
+            assert log.stops == [("a", "idle")]  # without waiting out the 100 s idle timeout
+            supervisor.stop()
+    assert sorted(done_order(log, "a")) == [1, 2]
+
+
 async def test_idle_actor_stops_and_releases_its_session(autojump_clock: Any) -> None:
     log = Log()
     async with InMemoryProvider(lock_duration=60) as provider:

@@ -777,6 +777,8 @@ class Session:
                     self._receive_backoff = None
                     self._took(received, started)
                     if not received:
+                        if receiver.release_requested:
+                            return "idle"  # its slot is wanted: no need to wait out the idle time
                         started = now()
                         continue  # the next turn ends the session if it is idle
                     del received  # not kept alive while the session waits (less for the GC)
@@ -876,7 +878,7 @@ class Session:
                                 pool.end("shutdown")
                             elif received or pool.busy:  # not idle while a handler runs
                                 pool.idle_deadline = rt.now() + pool.idle
-                            elif rt.now() >= pool.idle_deadline:
+                            elif rt.now() >= pool.idle_deadline or self.receiver.release_requested:
                                 pool.end("idle")
                 except _LockLost as lost:
                     self.lock_lost(lost.cause)  # cancels every slot; `run` reports it

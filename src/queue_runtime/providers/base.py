@@ -109,6 +109,13 @@ class Receiver(ABC):
     session_id: str | None
     """The session this receiver holds, or None for a non-session queue or a dead-letter queue."""
 
+    release_requested: bool = False
+    """Set by the provider when it wants this session's slot for sessions waiting for one, and
+    read by the runtime only when a `receive` came back empty: the actor then stops as idle
+    without waiting out ``session_idle_timeout`` (once no ``handle()`` of it runs). The SQS
+    provider sets it while groups it received wait unclaimed and its poll is held back (see
+    its module docstring); other providers never do."""
+
     @property
     @abstractmethod
     def locked_until(self) -> float | None:

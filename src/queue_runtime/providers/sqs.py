@@ -13,9 +13,22 @@ Sessions (FIFO queues, ``.fifo``)
     previous receive got no answer (network error, cancellation). The batch is demultiplexed
     by group: a group held by one of this provider's receivers goes to that receiver's
     buffer, in order; a new group becomes a pending session, handed to the next
-    ``accept_session``. Pending sessions are bounded (``max_pending_sessions``) and released
-    (visibility 0) when not claimed within half the visibility timeout, rather than left to
-    expire silently.
+    ``accept_session``. A pending session's visibility is extended while it waits (at
+    half-life), and it is released (visibility 0) for other workers once unclaimed for
+    ``max_pending_age``.
+
+Back-pressure: more active groups than a worker takes
+    A group received but not taken is never released at once: the next receive, a moment
+    later, would bring it straight back, and every receive counts toward the queue's
+    ``maxReceiveCount`` (SQS's redrive would move it to the dead-letter queue unhandled). So
+    every new group of a receive is kept as a pending session, and once
+    ``max_pending_sessions`` wait (at most one receive's groups past that), the poll is held
+    back: no receive goes out until one is claimed or released. A held session that has
+    nothing left to hand out meanwhile is asked to end (``release_requested``: the runtime
+    stops its actor as idle without waiting out the idle timeout), so its slot takes a waiting
+    group; the rest of its group comes back with a later receive. Each message is so received
+    about once, and a worker holds at most ``max_concurrent_sessions`` +
+    ``max_pending_sessions`` + 9 groups, leaving the others to other workers.
 
 The lock
     A group's lock is the visibility of its in-flight messages. Each message's visibility
@@ -177,6 +190,9 @@ class _QueueState:
     # DeleteMessageBatch calls in flight on this queue, and an event set when none are left.
     deleting: int = 0
     deletes_landed: trio.Event = field(default_factory=trio.Event)
+    # Set when an unclaimed group leaves `pending` (claimed, released, lapsed) or an old holder
+    # closes: wakes a poll held back by a full `pending` (see `SqsProvider._hold_back`).
+    room: trio.Event = field(default_factory=trio.Event)
 
 
 #: A receive answered later than this after it was sent (or after a quarter of the visibility
@@ -189,6 +205,10 @@ EXTEND_AFTER: Final = 1.0
 #: poller's (as a hand-written "receive 10, process, delete the batch" loop does) rather than
 #: one delete call per poll. Short: it delays only the poll, never a handler.
 SETTLE_WINDOW: Final = 0.02
+
+
+#: The shortest wait of a held-back poll (see `SqsProvider._hold_back`).
+HOLD_BACK_MIN_WAIT: Final = 0.1
 
 
 #: One botocore session per profile for the process: a session loads and caches the service
@@ -232,6 +252,12 @@ class SqsProvider(Provider):
 
     ``api_calls`` counts SQS API calls by operation name (for tests and diagnostics);
     ``delete_failures`` counts deletes SQS refused during a flush.
+
+    ``max_pending_sessions``: how many groups received but not taken yet (all sessions busy) a
+    worker keeps waiting, invisible to other workers; once reached, it receives nothing more
+    until one is taken (see "Back-pressure" in the module docstring). ``max_pending_age``:
+    seconds a group may wait so before it is released for other workers (each release and
+    receive again counts toward the queue's ``maxReceiveCount``).
 
     ``overlap_deletes``: send a poll's receive while the deletes sent just before it are in
     flight (one round trip per batch instead of two; see "Completion" in the module
@@ -860,6 +886,9 @@ class SqsProvider(Provider):
         state.polling = True
         state.poll_done = trio.Event()
         try:
+            if len(state.pending) >= self._max_pending:
+                await self._hold_back(state, remaining)
+                return
             await self._await_settled(state)
             # Held groups get no more messages from SQS while any of theirs is in flight: the
             # deletes go first, and the receive after them, or (overlapping) right behind them.
@@ -886,6 +915,29 @@ class SqsProvider(Provider):
         finally:
             state.polling = False
             state.poll_done.set()
+
+    async def _hold_back(self, state: _QueueState, remaining: float) -> None:
+        """The poll while ``max_pending_sessions`` groups wait unclaimed: no receive.
+
+        A receive would bring groups this worker cannot take now; released, they would come
+        straight back with the next receive, each receive counting toward their
+        ``maxReceiveCount`` (SQS's redrive then moves them to the dead-letter queue unhandled).
+        So it sends the queued deletes, extends the waiting groups' visibility when due, and
+        waits until one of them is claimed or released, the next extension is due, or
+        ``remaining`` seconds pass. Sessions get nothing new meanwhile: those with nothing left
+        are asked to end (`SqsSessionReceiver.receive`), and their slots take waiting groups.
+        """
+        await self._flush_before_receive(state)
+        await self._tidy_pending(state)
+        if len(state.pending) < self._max_pending:
+            return  # some lapsed or were released: the next poll receives
+        state.room = room = trio.Event()
+        until_due = min(self._pending_due(p, state.meta) for p in state.pending.values())
+        # (At least a moment: an extension that just failed is still due, and is not retried
+        # in a loop.)
+        wait = min(max(remaining, 0.0), max(HOLD_BACK_MIN_WAIT, until_due - trio.current_time()))
+        with trio.move_on_after(wait):
+            await room.wait()
 
     async def _flush_before_receive(self, state: _QueueState) -> None:
         try:
@@ -1007,16 +1059,17 @@ class SqsProvider(Provider):
                     overflow.append(record)
                 continue
             pending = state.pending.get(group)
-            if pending is not None and min(r.deadline for r in pending.records) <= trio.current_time():
+            if pending is not None and min(r.deadline for r in pending.records) <= now:
                 # Its visibility lapsed and SQS redelivered the group: the new receipts replace it.
                 pending.records = [record]
-                pending.created = trio.current_time()
+                pending.created = now
             elif pending is not None:
                 pending.records.append(record)
-            elif len(state.pending) < self._max_pending:
-                state.pending[group] = _Pending(records=[record], created=trio.current_time())
             else:
-                overflow.append(record)
+                # Kept even past max_pending_sessions (by at most one batch: the next poll
+                # holds back): released, it would be received again at once, and each receive
+                # counts toward its maxReceiveCount.
+                state.pending[group] = _Pending(records=[record], created=now)
         if overflow:
             with contextlib.suppress(QueueError):
                 await self._release(state.meta, overflow)
@@ -1029,6 +1082,7 @@ class SqsProvider(Provider):
         now = trio.current_time()
         stale: list[_Record] = []
         renew: list[_Record] = []
+        left = len(state.pending)
         for group, pending in list(state.pending.items()):
             if min(r.deadline for r in pending.records) <= now:
                 del state.pending[group]  # lapsed: already visible to everyone again
@@ -1037,6 +1091,8 @@ class SqsProvider(Provider):
                 stale.extend(pending.records)
             elif now >= self._pending_due(pending, state.meta):
                 renew.extend(pending.records)
+        if len(state.pending) < left:
+            state.room.set()
         if stale:
             log.debug("releasing %d unclaimed messages of %s", len(stale), state.meta.name)
             with contextlib.suppress(QueueError):
@@ -1056,6 +1112,11 @@ class SqsProvider(Provider):
                     record.deadline = started + vt
                     record.message.locked_until = record.deadline
 
+    def _crowded(self, state: _QueueState) -> bool:
+        """Whether the poll is held back (``max_pending_sessions`` groups wait unclaimed) with
+        a waiting group that a free session slot could take now."""
+        return len(state.pending) >= self._max_pending and any(g not in state.ending for g in state.pending)
+
     def _pending_due(self, pending: _Pending, meta: _QueueMeta) -> float:
         """When an unclaimed session's visibility should be extended (at half-life)."""
         return min(r.deadline for r in pending.records) - self._lock_seconds(meta) / 2
@@ -1067,7 +1128,9 @@ class SqsProvider(Provider):
                 continue  # its old holder is still ending: one live receiver per group
             pending = state.pending.pop(group)
             if min(r.deadline for r in pending.records) <= now:
+                state.room.set()
                 continue  # lapsed: SQS may already have given it to someone else
+            state.room.set()
             receiver = SqsSessionReceiver(self, state, group)
             for record in pending.records:
                 receiver._accept(record)
@@ -1405,6 +1468,7 @@ class SqsSessionReceiver(_ReceiverBase):
                 return []
             self._check_lock(now)
             if self._buffer:
+                self.release_requested = False
                 out: list[ReceivedMessage] = []
                 while self._buffer and len(out) < max_messages:
                     record = self._buffer.popleft()
@@ -1415,6 +1479,11 @@ class SqsSessionReceiver(_ReceiverBase):
             if polled and remaining <= 0:
                 return []
             state = self._state
+            if not self.release_requested and self._provider._crowded(state):
+                # Groups wait unclaimed and the poll is held back: this session can get nothing
+                # new, and its slot would take one of them.
+                self.release_requested = True
+                return []
             if state.polling:
                 # Another task's poll is running: wait for it as `_poll` would, one await
                 # level less at each wait and wake-up.
@@ -1535,6 +1604,7 @@ class SqsSessionReceiver(_ReceiverBase):
         finally:
             if self._state.ending.get(group) is self:
                 del self._state.ending[group]
+                self._state.room.set()  # its group may wait unclaimed: it can be taken now
 
 
 class SqsQueueReceiver(_ReceiverBase):
