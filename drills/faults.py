@@ -16,7 +16,10 @@ Scenarios: ``kill9`` (kill -9 a worker mid-run, start a replacement), ``freeze-s
 run), ``slow`` (through `drills.proxy`: a share of calls delayed 0.5-3 s each way, past the
 renewal point at half the visibility timeout, and some connections dropped before or after
 forwarding), ``throttle`` (through the proxy: 20% of calls answered with SQS's throttling
-error).
+error), ``crowded`` (no fault: 8 times the groups with an eighth of the messages each, 2
+sessions per worker and ``maxReceiveCount`` 3, so that far more groups are active than the
+workers take at once; a group released and received again over and over would reach the DLQ
+unhandled).
 
 ``python -m drills.faults --rounds N [--scenario NAME ...] [--workers 2 3] [--quick]
 [--server strict|moto] [--json PATH]`` prints one line per run and its violations, writes the results as JSON
@@ -53,7 +56,9 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "drills" / "results" / "faults.json"
 QUEUE_RUNTIME = str(Path(sys.executable).with_name("queue-runtime"))
 SERVERS: dict[str, type[MotoServer]] = {"strict": StrictMotoServer, "moto": MotoServer}
-SCENARIOS = ("kill9", "freeze-short", "freeze-long", "slow", "throttle")
+SCENARIOS = ("kill9", "freeze-short", "freeze-long", "slow", "throttle", "crowded")
+#: The queue's redrive: generous, as faults redeliver; low where only crowding could redeliver.
+MAX_RECEIVE_COUNT = {"crowded": 3}
 PROXIED = {
     # 0.5-3 s each way: a delayed renewal (due at half the visibility timeout) often reaches the
     # server after the visibility lapsed, and its answer comes later still.
@@ -87,6 +92,13 @@ class Plan:
     @property
     def messages(self) -> int:
         return self.groups * self.per_group
+
+    def crowded(self) -> Plan:
+        """The ``crowded`` scenario's sizes: 8 times the groups, an eighth of the messages each
+        (at least 2), 2 sessions per worker."""
+        return dataclasses.replace(
+            self, groups=8 * self.groups, per_group=max(2, self.per_group // 8), max_sessions=2
+        )
 
 
 #: Handlers sleep 30-200 ms, and one call in five 1-3 s: that tail keeps a group's messages in
@@ -235,6 +247,8 @@ class Drill:
     ) -> None:
         if scenario not in SCENARIOS:
             raise ValueError(f"unknown scenario {scenario!r} (one of {', '.join(SCENARIOS)})")
+        if scenario == "crowded":
+            plan = plan.crowded()
         self.scenario = scenario
         self.workers = workers
         self.plan = plan
@@ -320,7 +334,10 @@ class Drill:
         )
         self._dlq_url = dlq["QueueUrl"]
         arn = self._sqs.get_queue_attributes(QueueUrl=self._dlq_url, AttributeNames=["QueueArn"])
-        redrive = {"deadLetterTargetArn": arn["Attributes"]["QueueArn"], "maxReceiveCount": "50"}
+        redrive = {
+            "deadLetterTargetArn": arn["Attributes"]["QueueArn"],
+            "maxReceiveCount": str(MAX_RECEIVE_COUNT.get(self.scenario, 50)),
+        }
         self._url = self._sqs.create_queue(
             QueueName=self._queue,
             Attributes={

@@ -193,6 +193,9 @@ class Scenario:
     faults: tuple[Fault, ...] = ()
     stalls: tuple[Stall, ...] = ()
     outages: tuple[Outage, ...] = ()
+    # Every session is asked to end once it has nothing to do (``Receiver.release_requested``),
+    # as the SQS provider asks while groups it received wait for a slot.
+    slot_wanted: bool = False
     seed: int = 0
 
     __repr__ = _short_repr
@@ -1278,6 +1281,7 @@ class LinkReceiver(Receiver):
         self.rid = rid
         self.queue = inner.queue
         self.session_id = inner.session_id
+        self.release_requested = link.world.scenario.slot_wanted
         self._closed = False
         self.known_until = inner.locked_until or -math.inf  # the deadline as answers told it
 
@@ -1565,6 +1569,7 @@ def scenarios(
         faults=tuple(draw(st.lists(_fault(chaos, workers), max_size=12))),
         stalls=tuple(draw(st.lists(_stall(lock, chaos), max_size=3))),
         outages=tuple(draw(st.lists(_outage(lock, chaos, workers), max_size=4))),
+        slot_wanted=draw(st.booleans()),
         seed=draw(st.integers(0, 2**32 - 1)),
     )
 
