@@ -65,8 +65,9 @@ Completion
     right behind them, without waiting for their answer (SQS withholds a group only until its
     deletes land, and its long poll returns once they have: a round trip saved per batch);
     without it, and while an unclaimed session waits (the worker takes no new group then, and
-    a receive answered before the deletes land would bring only groups it must release, each
-    receive counting toward their ``maxReceiveCount``), the poll waits for those deletes, and
+    a receive answered before the deletes land would bring only other groups, to wait unclaimed
+    and hold the poll back, not the held groups' next messages), the poll waits for those
+    deletes, and
     for the delete calls other tasks have in flight on its queue, before it receives (for
     servers whose long poll does not see deletes that land during it, such as moto's: there an
     early receive waits out the whole poll).
@@ -894,8 +895,8 @@ class SqsProvider(Provider):
             # deletes go first, and the receive after them, or (overlapping) right behind them.
             if not self.overlap_deletes or state.pending:
                 # (With unclaimed sessions waiting, the worker is taking no new group: a receive
-                # that SQS answers before the deletes land brings only other groups, released
-                # at once, and each such receive counts toward their maxReceiveCount.)
+                # that SQS answers before the deletes land brings only other groups, which
+                # wait unclaimed too, and none of the held groups' next messages.)
                 await self._flush_before_receive(state)
                 await self._await_deletes(state)
                 await self._receive_and_dispatch(state, remaining)
